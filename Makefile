@@ -1,0 +1,29 @@
+# fedtl: every target sets itself up (virtualenv + install) on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+export FLWR_TELEMETRY_ENABLED := 0
+
+.PHONY: test demo bench install clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	@echo "make demo: the default simulation is not built yet (see issue 5)."; exit 1
+
+bench: $(STAMP)
+	@echo "make bench: the benchmark is not built yet (see issue 7)."; exit 1
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
