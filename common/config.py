@@ -36,6 +36,10 @@ class ModelConfig(_Section):
 
     architecture: Architecture = "resnet18"
     num_classes: int = Field(2, ge=2, description="number of diagnostic classes")
+    class_names: list[str] = Field(
+        default_factory=lambda: ["normal", "finding"],
+        description="label names as written in the site manifests, in class-index order",
+    )
     in_channels: Literal[1, 3] = Field(1, description="1 for grayscale medical images, 3 for RGB")
     image_size: int = Field(64, ge=16, le=1024, description="square input side in pixels")
     clinical_features: list[str] = Field(
@@ -49,6 +53,11 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _one_weight_source(self) -> ModelConfig:
+        if len(self.class_names) != self.num_classes or len(set(self.class_names)) != self.num_classes:
+            raise ValueError(
+                f"class_names must list {self.num_classes} different labels (num_classes), "
+                f"got {self.class_names}"
+            )
         if self.weights and self.checkpoint:
             raise ValueError("give either 'weights' or 'checkpoint', not both")
         if self.architecture == "vit_b_16" and self.image_size % 16:

@@ -45,6 +45,7 @@ CONFIG_PROXIMAL_MU: Final = "proximal-mu"
 # STATUS record
 STATUS_KEY: Final = "status"
 STATUS_FINGERPRINT: Final = "backbone-fingerprint"
+STATUS_SITE_NAME: Final = "site-name"  # the name the hospital admin gave the node, never derived from data
 STATUS_OK: Final = "ok"
 STATUS_DECLINED_BUDGET: Final = "declined-budget"
 STATUS_NEED_BACKBONE: Final = "need-backbone"

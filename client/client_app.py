@@ -1,0 +1,137 @@
+"""The hospital's Flower ClientApp: install backbone, train, evaluate.
+
+Each handler builds its reply only from ``common.wire_contract`` names: the trained shared
+layers, aggregate metrics and a status. Images, DICOM metadata, patient ids and the local
+head never enter a reply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.site_session import BackboneMissing, SiteSession
+from client.site_settings import SiteDirectory, SiteSettings, settings_from_node_config
+from client.site_state import SiteState
+from common import wire_contract as wc
+from common.config import FederationConfig
+from common.update_encoding import encode_update
+
+logger = logging.getLogger(__name__)
+
+_SESSIONS: OrderedDict[tuple[str, str, str], SiteSession] = OrderedDict()
+_MAX_SESSIONS = 4  # a simulation worker serves many sites; keep only the most recent in memory
+
+
+def make_client_app(directory: SiteDirectory | None = None) -> ClientApp:
+    """A ClientApp; in simulation ``directory`` maps each partition id to a synthetic hospital."""
+    app = ClientApp()
+
+    @app.query()
+    def install_backbone(msg: Message, context: Context) -> Message:
+        settings = settings_from_node_config(context.node_config, directory)
+        config = msg.content[wc.CONFIG]
+        fingerprint = str(config[wc.CONFIG_FINGERPRINT])
+        tensors = msg.content[wc.BACKBONE].to_torch_state_dict()
+        meta = {"mean": list(config["normalization-mean"]), "std": list(config["normalization-std"]),
+                "source": str(config.get("backbone-source", "unknown"))}
+        SiteState(settings.state_dir).store_backbone(fingerprint, tensors, meta)
+        logger.info("[%s] installed backbone %s", settings.site_name, fingerprint[:12])
+        return _reply(msg, settings, wc.STATUS_OK, fingerprint=fingerprint)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        settings = settings_from_node_config(context.node_config, directory)
+        config_record = msg.content[wc.CONFIG]
+        server_round = int(config_record[wc.CONFIG_ROUND])
+        try:
+            session = _session(settings, config_record)
+        except BackboneMissing:
+            return _reply(msg, settings, wc.STATUS_NEED_BACKBONE)
+        reference = {k: v.float() for k, v in msg.content[wc.SHARED].to_torch_state_dict().items()}
+        session.load_shared(reference)
+        ledger = None
+        metrics_privacy = {"epsilon": 0.0, "delta": 0.0}
+        if session.config.privacy.enabled:
+            ledger = session.privacy_ledger()
+            steps = session.planned_steps_per_round()
+            if not ledger.can_spend(steps):
+                logger.info("[%s] round %d declined: projected epsilon %.2f would exceed the budget %.2f",
+                            settings.site_name, server_round, ledger.projected_epsilon(steps), ledger.target_epsilon)
+                return _reply(msg, settings, wc.STATUS_DECLINED_BUDGET,
+                              metrics={wc.NUM_EXAMPLES: session.num_train, "train-loss": 0.0,
+                                       "epsilon": ledger.spent_epsilon(), "delta": ledger.delta})
+        outcome = session.train_round(server_round, float(config_record[wc.CONFIG_PROXIMAL_MU]), ledger)
+        if ledger is not None:
+            metrics_privacy = {"epsilon": ledger.spent_epsilon(), "delta": ledger.delta}
+        session.state.record_round(server_round, status=wc.STATUS_OK, epsilon=metrics_privacy["epsilon"])
+        encoded = encode_update(session.shared_state(), reference, str(config_record[wc.CONFIG_ENCODING]))
+        records: dict[str, ArrayRecord] = {wc.SHARED: ArrayRecord(torch_state_dict=encoded.tensors)}
+        if encoded.scales:
+            records[wc.SHARED_SCALE] = ArrayRecord(torch_state_dict=encoded.scales)
+        logger.info("[%s] round %d trained: loss %.4f, epsilon %.3f", settings.site_name, server_round,
+                    outcome.mean_loss, metrics_privacy["epsilon"])
+        return _reply(msg, settings, wc.STATUS_OK, arrays=records,
+                      metrics={wc.NUM_EXAMPLES: outcome.num_examples, "train-loss": outcome.mean_loss,
+                               **metrics_privacy})
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        settings = settings_from_node_config(context.node_config, directory)
+        config_record = msg.content[wc.CONFIG]
+        try:
+            session = _session(settings, config_record)
+        except BackboneMissing:
+            return _reply(msg, settings, wc.STATUS_NEED_BACKBONE)
+        session.load_shared(msg.content[wc.SHARED].to_torch_state_dict())
+        metrics = session.evaluate()
+        privacy = {"epsilon": 0.0, "delta": 0.0}
+        if session.config.privacy.enabled and session.state.ledger_path.exists():
+            ledger = session.privacy_ledger()
+            privacy = {"epsilon": ledger.spent_epsilon(), "delta": ledger.delta}
+        return _reply(msg, settings, wc.STATUS_OK, metrics={**metrics, **privacy})
+
+    return app
+
+
+def _session(settings: SiteSettings, config_record: ConfigRecord) -> SiteSession:
+    config_json = str(config_record[wc.CONFIG_FEDERATION])
+    fingerprint = str(config_record[wc.CONFIG_FINGERPRINT])
+    key = (str(settings.state_dir), fingerprint, hashlib.sha256(config_json.encode()).hexdigest())
+    if key in _SESSIONS:
+        _SESSIONS.move_to_end(key)
+        return _SESSIONS[key]
+    session = SiteSession.open(settings, FederationConfig.from_json(config_json), fingerprint)
+    _SESSIONS[key] = session
+    while len(_SESSIONS) > _MAX_SESSIONS:
+        _SESSIONS.popitem(last=False)
+    return session
+
+
+def _reply(
+    msg: Message,
+    settings: SiteSettings,
+    status: str,
+    *,
+    fingerprint: str | None = None,
+    arrays: dict[str, ArrayRecord] | None = None,
+    metrics: dict[str, float | int] | None = None,
+) -> Message:
+    status_record = ConfigRecord({wc.STATUS_KEY: status, wc.STATUS_SITE_NAME: settings.site_name})
+    if fingerprint is not None:
+        status_record[wc.STATUS_FINGERPRINT] = fingerprint
+    content = RecordDict({wc.STATUS: status_record})
+    for name, record in (arrays or {}).items():
+        content[name] = record
+    if metrics is not None:
+        content[wc.METRICS] = MetricRecord({k: (int(v) if k == wc.NUM_EXAMPLES else float(v)) for k, v in metrics.items()})
+    return Message(content=content, reply_to=msg)
+
+
+# Deployment entry point (pyproject [tool.flwr.app.components] clientapp): settings from node config.
+app = make_client_app()

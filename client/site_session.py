@@ -1,0 +1,231 @@
+"""One site's working set for a federation: backbone, local head, data, splits, trunk features.
+
+Built once per (site, backbone fingerprint, configuration) and reused across rounds while the
+process lives; everything that must survive a restart is on the site's disk (``SiteState``),
+so a fresh process rebuilds the same session without decoding a DICOM again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from client.evaluation_metrics import classification_metrics
+from client.local_training import TrainingOutcome, random_flip_and_shift, sample_rate, steps_per_epoch, train_tail
+from client.privacy_budget import PrivacyLedger, default_delta
+from client.site_settings import SiteSettings
+from client.site_state import SiteState
+from client.trunk_feature_cache import cached_trunk_features
+from common.backbones import FedModel, build_backbone, first_trainable_stage
+from common.config import FederationConfig
+from common.image_preprocessing import Preprocessing
+from common.layer_policy import ParameterGroups, apply_policy, resolve_policy
+from common.patient_split import class_weights, split_by_patient
+from common.site_dataset import SiteData, load_site_dataset
+
+logger = logging.getLogger(__name__)
+
+
+class BackboneMissing(RuntimeError):
+    """The site does not hold the backbone the coordinator asked for (never installed, or cache lost)."""
+
+
+@dataclass
+class _Split:
+    inputs: torch.Tensor  # trunk features (or images when the trunk is not cached)
+    clinical: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass
+class SiteSession:
+    settings: SiteSettings
+    config: FederationConfig
+    fingerprint: str
+    model: FedModel
+    groups: ParameterGroups
+    boundary: int
+    train: _Split
+    test: _Split
+    skipped_files: int
+    state: SiteState
+    _named: dict[str, nn.Parameter] = field(default_factory=dict)
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def open(cls, settings: SiteSettings, config: FederationConfig, fingerprint: str) -> SiteSession:
+        state = SiteState(settings.state_dir)
+        stored = state.load_backbone(fingerprint)
+        if stored is None:
+            raise BackboneMissing(fingerprint)
+        backbone_tensors, meta = stored
+        device = settings.torch_device()
+
+        model = build_backbone(config.model, load_weights=False)
+        policy = resolve_policy(config.policy, config.model.architecture)
+        groups = apply_policy(model, policy)
+        _init_local_head(model, groups, seed=_site_seed(config.seed, settings.site_name))
+        full = model.state_dict()
+        for name, tensor in backbone_tensors.items():
+            if name not in full:
+                raise ValueError(f"backbone tensor {name!r} does not belong to a {config.model.architecture}")
+            full[name] = tensor
+        head = state.load_local_head()
+        if head is not None and set(head) == set(groups.local):
+            full.update(head)
+        elif head is not None:
+            logger.warning("[%s] stored local head does not fit this model; starting a new head", settings.site_name)
+        model.load_state_dict(full)
+        model.to(device)
+
+        preprocessing = Preprocessing(
+            image_size=config.model.image_size,
+            in_channels=config.model.in_channels,
+            mean=tuple(meta["mean"]),
+            std=tuple(meta["std"]),
+        )
+        data = load_site_dataset(
+            settings.manifest,
+            preprocessing=preprocessing,
+            cache_dir=state.decoded_dir,
+            class_names=config.model.class_names,
+            clinical_features=config.model.clinical_features,
+            frame_policy=config.data.frame_policy,
+        )
+        if data.skipped:
+            logger.warning("[%s] %d file(s) skipped as unreadable (see the data-quality report)",
+                           settings.site_name, len(data.skipped))
+        train_idx, test_idx = split_by_patient(
+            data.patient_ids, data.labels.tolist(), config.data.test_fraction, config.data.split_seed
+        )
+        use_cache = config.training.trunk_cache == "auto" and not config.training.augmentation
+        boundary = first_trainable_stage(model, policy) if use_cache else 0
+        features = cached_trunk_features(
+            model,
+            data.images,
+            boundary=boundary,
+            fingerprint=fingerprint,
+            preprocessing_key=preprocessing.key(),
+            cache_dir=state.features_dir,
+            device=device,
+        )
+        session = cls(
+            settings=settings,
+            config=config,
+            fingerprint=fingerprint,
+            model=model,
+            groups=groups,
+            boundary=boundary,
+            train=_take(features, data, train_idx),
+            test=_take(features, data, test_idx),
+            skipped_files=len(data.skipped),
+            state=state,
+        )
+        session._named = dict(model.named_parameters())
+        logger.info("[%s] ready: %d train / %d test images, trunk cut at stage %d",
+                    settings.site_name, len(train_idx), len(test_idx), boundary)
+        return session
+
+    # ---- federation steps ---------------------------------------------------------------
+    @property
+    def num_train(self) -> int:
+        return len(self.train.labels)
+
+    def privacy_ledger(self) -> PrivacyLedger:
+        privacy, training = self.config.privacy, self.config.training
+        delta = privacy.target_delta or default_delta(self.num_train)
+        return PrivacyLedger.load_or_create(
+            self.state.ledger_path,
+            target_epsilon=privacy.target_epsilon,
+            delta=delta,
+            sample_rate=sample_rate(self.num_train, training.batch_size),
+            planned_steps=self.planned_steps_per_round() * training.rounds,
+            accountant=privacy.accountant,
+        )
+
+    def planned_steps_per_round(self) -> int:
+        training = self.config.training
+        return training.local_epochs * steps_per_epoch(self.num_train, training.batch_size)
+
+    def load_shared(self, shared: Mapping[str, torch.Tensor]) -> None:
+        expected = set(self.groups.shared)
+        if set(shared) != expected:
+            missing, extra = expected - set(shared), set(shared) - expected
+            raise ValueError(f"shared layers from the coordinator do not match: missing {sorted(missing)[:3]}, "
+                             f"unexpected {sorted(extra)[:3]}")
+        with torch.no_grad():
+            for name, tensor in shared.items():
+                self._named[name].copy_(tensor.to(self._named[name].device, self._named[name].dtype))
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        return {name: self._named[name].detach().cpu().clone() for name in self.groups.shared}
+
+    def train_round(self, server_round: int, proximal_mu: float, ledger: PrivacyLedger | None) -> TrainingOutcome:
+        training = self.config.training
+        global_shared = self.shared_state()
+        weights = (
+            class_weights(self.train.labels, self.config.model.num_classes) if training.class_weighting else None
+        )
+        outcome = train_tail(
+            self.model.tail(self.boundary),
+            self.train.inputs,
+            self.train.clinical,
+            self.train.labels,
+            named_shared=[(n, self._named[n]) for n in self.groups.shared],
+            named_local=[(n, self._named[n]) for n in self.groups.local if n in self._named],
+            training=training,
+            privacy=self.config.privacy,
+            ledger=ledger,
+            global_shared=global_shared,
+            proximal_mu=proximal_mu,
+            class_weights=weights,
+            device=self.settings.torch_device(),
+            seed=_site_seed(self.config.seed, self.settings.site_name) * 1000 + server_round,
+            augment=random_flip_and_shift() if training.augmentation else None,
+        )
+        self.state.save_local_head(
+            {name: tensor.detach().cpu() for name, tensor in self.model.state_dict().items() if name in set(self.groups.local)}
+        )
+        return outcome
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        tail = self.model.tail(self.boundary).eval()
+        device = self.settings.torch_device()
+        logits = []
+        for start in range(0, len(self.test.labels), 256):
+            logits.append(
+                tail(self.test.inputs[start : start + 256].to(device),
+                     self.test.clinical[start : start + 256].to(device)).float().cpu()
+            )
+        if not logits:
+            raise ValueError("this site has no test images; lower data.test_fraction or add patients")
+        return classification_metrics(torch.cat(logits), self.test.labels, self.config.model.num_classes)
+
+
+def _take(features: torch.Tensor, data: SiteData, index: list[int] | torch.Tensor) -> _Split:
+    idx = torch.as_tensor(index, dtype=torch.long)
+    return _Split(inputs=features[idx], clinical=data.clinical[idx].float(), labels=data.labels[idx].long())
+
+
+def _site_seed(seed: int, site_name: str) -> int:
+    return (seed * 7919 + int(hashlib.sha256(site_name.encode()).hexdigest()[:6], 16)) % (2**31)
+
+
+def _init_local_head(model: nn.Module, groups: ParameterGroups, seed: int) -> None:
+    """Every site starts its own head's linear layers from its own seed (the head is never sent)."""
+    generator = torch.Generator().manual_seed(seed)
+    local = set(groups.local)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not isinstance(module, nn.Linear) or f"{name}.weight" not in local:
+                continue
+            bound = 1.0 / module.in_features**0.5
+            module.weight.uniform_(-bound, bound, generator=generator)
+            if module.bias is not None:
+                module.bias.zero_()

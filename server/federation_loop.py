@@ -1,0 +1,261 @@
+"""The coordinator's round loop over a Flower Grid: train, validate, aggregate, checkpoint, evaluate.
+
+Unlike the stock strategies, one bad reply never ends the run: every reply is validated
+(``server.reply_validation``) and a bad one is dropped with a logged reason. A round never
+waits forever: it proceeds with the sites that answered within ``round_timeout_s`` provided
+``min_sites`` did; sites that declined for budget are not failures. Each site receives the
+backbone once per fingerprint (on its first "need-backbone" answer), not every round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from common import wire_contract as wc
+from common.config import FederationConfig
+from common.update_encoding import EncodedUpdate, decode_update
+from server.aggregation import make_aggregator
+from server.backbone_source import PreparedBackbone
+from server.checkpoints import latest_checkpoint, save_checkpoint
+from server.reply_validation import (
+    Declined,
+    ValidEvaluation,
+    ValidReply,
+    drop_norm_outliers,
+    validate_evaluate_message,
+    validate_train_message,
+)
+from server.run_recorder import RunRecorder
+
+logger = logging.getLogger(__name__)
+
+NODE_WAIT_POLL_S = 0.5
+
+
+class FederationStalled(RuntimeError):
+    """Too few sites connected within the timeout to run a round."""
+
+
+@dataclass
+class RoundTraffic:
+    """Bytes of tensors sent to and received from each node in one round."""
+
+    sent: dict[int, int] = field(default_factory=dict)
+    received: dict[int, int] = field(default_factory=dict)
+
+    def add_sent(self, node: int, content: RecordDict) -> None:
+        self.sent[node] = self.sent.get(node, 0) + _array_bytes(content)
+
+    def add_received(self, node: int, content: RecordDict) -> None:
+        self.received[node] = self.received.get(node, 0) + _array_bytes(content)
+
+
+def run_federation(grid: Grid, config: FederationConfig, backbone: PreparedBackbone, run_dir: Path,
+                   *, resume: bool = False,
+                   on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, torch.Tensor]:
+    """Run (or resume) the federation; returns the final global shared layers."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    aggregator = make_aggregator(config.strategy)
+    global_shared = {k: v.clone() for k, v in backbone.shared.items()}
+    first_round = 1
+    if resume:
+        checkpoint = latest_checkpoint(run_dir, config, backbone.fingerprint)
+        if checkpoint is not None:
+            global_shared = {k: v.float() for k, v in checkpoint.global_weights.items()}
+            aggregator.load_state_dict(checkpoint.aggregator_state)
+            first_round = checkpoint.round + 1
+            logger.info("resuming after round %d from %s", checkpoint.round, checkpoint.path.name)
+    recorder = RunRecorder(run_dir, config=json.loads(config.to_json()), backbone=backbone.describe(),
+                           resume_after_round=first_round - 1 if resume else None)
+    names = SiteNames()
+    for server_round in range(first_round, config.training.rounds + 1):
+        recorder.begin_round(server_round)
+        traffic = RoundTraffic()
+        nodes = _wait_for_nodes(grid, config)
+        sampled = _sample(nodes, config, server_round)
+        logger.info("[round %d] training on %d of %d site(s)", server_round, len(sampled), len(nodes))
+        train_replies = _train(grid, config, backbone, global_shared, sampled, server_round, traffic)
+
+        updates: dict[int, tuple[dict[str, torch.Tensor], int]] = {}
+        for node in sampled:
+            message = train_replies.get(node)
+            if message is None:
+                _drop(recorder, server_round, names.of(node),
+                      f"no reply within {config.strategy.round_timeout_s:.0f} s", status="no-reply")
+                continue
+            site = names.learn(node, message)
+            outcome = validate_train_message(message, global_shared, config.training.update_encoding,
+                                             backbone.fingerprint)
+            if isinstance(outcome, ValidReply):
+                try:
+                    weights = decode_update(EncodedUpdate(
+                        tensors={k: torch.from_numpy(v.copy()) for k, v in outcome.tensors.items()},
+                        scales={k: torch.tensor(s, dtype=torch.float32) for k, s in outcome.scales.items()},
+                        encoding=outcome.encoding), global_shared)
+                except ValueError as exc:
+                    _drop(recorder, server_round, site, f"update cannot be decoded: {exc}")
+                    continue
+                updates[node] = (weights, outcome.num_examples)
+                recorder.record_train(server_round, site, "ok", outcome.metrics)
+            elif isinstance(outcome, Declined):
+                recorder.record_train(server_round, site, outcome.status, outcome.metrics)
+                logger.info("[round %d] %s declined: %s", server_round, site, outcome.status)
+            else:
+                _drop(recorder, server_round, site, str(outcome))
+
+        if len(updates) >= 3:
+            _kept, outliers = drop_norm_outliers({str(n): u[0] for n, u in updates.items()}, global_shared,
+                                                 config.strategy.norm_outlier_factor)
+            for node_key, reason in outliers.items():
+                updates.pop(int(node_key))
+                _drop(recorder, server_round, names.of(int(node_key)), reason)
+        if len(updates) >= config.strategy.min_sites:
+            global_shared = aggregator.aggregate(global_shared, list(updates.values()))
+        else:
+            logger.warning("[round %d] only %d usable update(s), %d needed: global layers unchanged",
+                           server_round, len(updates), config.strategy.min_sites)
+        save_checkpoint(run_dir, server_round, global_shared, aggregator.state_dict(), backbone.fingerprint, config)
+
+        evaluations = _evaluate(grid, config, backbone, global_shared, nodes, server_round, traffic)
+        for node, (message, outcome) in evaluations.items():
+            site = names.learn(node, message)
+            if isinstance(outcome, ValidEvaluation):
+                recorder.record_evaluate(server_round, site, "ok", outcome.metrics)
+            elif isinstance(outcome, Declined):
+                recorder.record_evaluate(server_round, site, outcome.status, outcome.metrics)
+            else:
+                recorder.record_evaluate(server_round, site, "rejected")
+                recorder.record_dropped(server_round, site, f"evaluate: {outcome}")
+        for node in set(traffic.sent) | set(traffic.received):
+            recorder.add_bytes(server_round, names.of(node), traffic.sent.get(node, 0), traffic.received.get(node, 0))
+        record = recorder.end_round(server_round)
+        logger.info("[round %d] done in %.1f s: %d update(s) aggregated, %d dropped", server_round,
+                    record["wall_time_s"], len(updates), len(record["dropped"]))
+        if on_round is not None:
+            on_round(record)
+    return global_shared
+
+
+# ---------------------------------------------------------------------------- messaging
+def _wait_for_nodes(grid: Grid, config: FederationConfig) -> list[int]:
+    """Wait for at least ``min_sites`` connected nodes, at most ``round_timeout_s``."""
+    deadline = time.monotonic() + config.strategy.round_timeout_s
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= config.strategy.min_sites:
+            return nodes
+        if time.monotonic() > deadline:
+            raise FederationStalled(
+                f"only {len(nodes)} site(s) connected after {config.strategy.round_timeout_s:.0f} s, "
+                f"{config.strategy.min_sites} needed (strategy.min_sites); check that the hospitals' SuperNodes run"
+            )
+        time.sleep(NODE_WAIT_POLL_S)
+
+
+def _sample(nodes: list[int], config: FederationConfig, server_round: int) -> list[int]:
+    count = max(config.strategy.min_sites, round(config.strategy.fraction_train * len(nodes)))
+    rng = random.Random(config.seed * 100_003 + server_round)
+    return sorted(rng.sample(nodes, min(count, len(nodes))))
+
+
+def _config_record(config: FederationConfig, backbone: PreparedBackbone, server_round: int) -> ConfigRecord:
+    return ConfigRecord({
+        wc.CONFIG_FEDERATION: config.to_json(),
+        wc.CONFIG_ROUND: server_round,
+        wc.CONFIG_FINGERPRINT: backbone.fingerprint,
+        wc.CONFIG_ENCODING: config.training.update_encoding,
+        wc.CONFIG_PROXIMAL_MU: config.strategy.proximal_mu if config.strategy.name == "fedprox" else 0.0,
+    })
+
+
+def _exchange(grid: Grid, contents: dict[int, RecordDict], message_type: str, server_round: int,
+              timeout: float, traffic: RoundTraffic) -> dict[int, Message]:
+    messages = []
+    for node, content in contents.items():
+        traffic.add_sent(node, content)
+        messages.append(grid.create_message(content, message_type, node, str(server_round)))
+    replies: dict[int, Message] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_content():
+            traffic.add_received(node, reply.content)
+        replies[node] = reply
+    return replies
+
+
+def _train(grid: Grid, config: FederationConfig, backbone: PreparedBackbone, global_shared: dict[str, torch.Tensor],
+           nodes: list[int], server_round: int, traffic: RoundTraffic) -> dict[int, Message]:
+    timeout = config.strategy.round_timeout_s
+    train_content = lambda: RecordDict({  # noqa: E731 - a fresh record per message
+        wc.SHARED: ArrayRecord(torch_state_dict=global_shared),
+        wc.CONFIG: _config_record(config, backbone, server_round),
+    })
+    replies = _exchange(grid, {n: train_content() for n in nodes}, wc.TRAIN, server_round, timeout, traffic)
+    missing = [n for n, r in replies.items() if _status(r) == wc.STATUS_NEED_BACKBONE]
+    if missing:
+        logger.info("[round %d] sending the backbone to %d site(s)", server_round, len(missing))
+        install = {n: RecordDict({
+            wc.BACKBONE: ArrayRecord(torch_state_dict=backbone.tensors),
+            wc.CONFIG: ConfigRecord({
+                wc.CONFIG_FINGERPRINT: backbone.fingerprint,
+                "normalization-mean": list(backbone.mean),
+                "normalization-std": list(backbone.std),
+                "backbone-source": backbone.source,
+            }),
+        }) for n in missing}
+        installed = _exchange(grid, install, wc.INSTALL_BACKBONE, server_round, timeout, traffic)
+        ready = [n for n, r in installed.items() if _status(r) == wc.STATUS_OK]
+        replies.update(_exchange(grid, {n: train_content() for n in ready}, wc.TRAIN, server_round, timeout, traffic))
+    return replies
+
+
+def _evaluate(grid: Grid, config: FederationConfig, backbone: PreparedBackbone, global_shared: dict[str, torch.Tensor],
+              nodes: list[int], server_round: int, traffic: RoundTraffic) -> dict[int, tuple[Message, object]]:
+    contents = {n: RecordDict({wc.SHARED: ArrayRecord(torch_state_dict=global_shared),
+                               wc.CONFIG: _config_record(config, backbone, server_round)}) for n in nodes}
+    replies = _exchange(grid, contents, wc.EVALUATE, server_round, config.strategy.round_timeout_s, traffic)
+    return {node: (reply, validate_evaluate_message(reply, backbone.fingerprint)) for node, reply in replies.items()}
+
+
+# ---------------------------------------------------------------------------- helpers
+def _status(message: Message) -> str | None:
+    if message.has_error() or wc.STATUS not in message.content:
+        return None
+    return str(message.content[wc.STATUS].get(wc.STATUS_KEY))
+
+
+class SiteNames:
+    """Names for the report: the name the hospital admin gave the node, else ``node-<id>``."""
+
+    def __init__(self) -> None:
+        self._names: dict[int, str] = {}
+
+    def of(self, node: int) -> str:
+        return self._names.get(node, f"node-{node}")
+
+    def learn(self, node: int, message: Message) -> str:
+        if node not in self._names and not message.has_error() and wc.STATUS in message.content:
+            name = str(message.content[wc.STATUS].get(wc.STATUS_SITE_NAME, ""))
+            if name and len(name) <= 64 and name.replace("-", "").replace("_", "").isalnum():
+                self._names[node] = name
+        return self.of(node)
+
+
+def _drop(recorder: RunRecorder, server_round: int, site: str, reason: str, status: str = "dropped") -> None:
+    recorder.record_train(server_round, site, status)
+    recorder.record_dropped(server_round, site, reason)
+    logger.warning("[round %d] dropped %s: %s", server_round, site, reason)
+
+
+def _array_bytes(content: RecordDict) -> int:
+    return sum(record.count_bytes() for record in content.array_records.values())
