@@ -69,7 +69,9 @@ def make_client_app(directory: SiteDirectory | None = None) -> ClientApp:
         outcome = session.train_round(server_round, float(config_record[wc.CONFIG_PROXIMAL_MU]), ledger)
         if ledger is not None:
             metrics_privacy = {"epsilon": ledger.spent_epsilon(), "delta": ledger.delta}
-        session.state.record_round(server_round, status=wc.STATUS_OK, epsilon=metrics_privacy["epsilon"])
+        session.state.record_round(server_round, wc.STATUS_OK, epsilon=metrics_privacy["epsilon"],
+                                   delta=metrics_privacy["delta"], num_examples=outcome.num_examples,
+                                   steps=outcome.steps)
         encoded = encode_update(session.shared_state(), reference, str(config_record[wc.CONFIG_ENCODING]))
         records: dict[str, ArrayRecord] = {wc.SHARED: ArrayRecord(torch_state_dict=encoded.tensors)}
         if encoded.scales:

@@ -10,7 +10,6 @@ privatisation, where Opacus cannot drop it (see ``client.proximal``).
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -35,15 +34,6 @@ class TrainingOutcome:
     mean_loss: float
     steps: int
     num_examples: int
-
-
-def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-    """Opacus's Poisson loader runs ``ceil(N / B)`` steps per epoch at rate ``1 / ceil(N / B)``."""
-    return max(1, math.ceil(num_examples / batch_size))
-
-
-def sample_rate(num_examples: int, batch_size: int) -> float:
-    return 1.0 / steps_per_epoch(num_examples, batch_size)
 
 
 def train_tail(
@@ -88,7 +78,8 @@ def train_tail(
         from opacus import PrivacyEngine
 
         engine = PrivacyEngine(accountant=ledger.accountant_kind)
-        engine.accountant = ledger.accountant()
+        ledger.attach(engine)  # before make_private: Opacus binds its step hook to this accountant
+        ledger.reserve(training.local_epochs * len(loader))  # a crash mid-round still counts as spent
         made = engine.make_private(
             module=tail,
             optimizer=optimizer,
@@ -132,8 +123,8 @@ def train_tail(
     finally:
         if dp_module is not None:
             dp_module._close()  # remove Opacus hooks so the next round does not stack them
-    if ledger is not None and engine is not None:
-        ledger.record(engine.accountant)
+        if ledger is not None and engine is not None:
+            ledger.record(engine.accountant)
     mean_loss = sum(losses) / len(losses) if losses else float("nan")
     return TrainingOutcome(mean_loss=mean_loss, steps=steps, num_examples=len(inputs))
 

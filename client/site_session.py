@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from client.evaluation_metrics import classification_metrics
-from client.local_training import TrainingOutcome, random_flip_and_shift, sample_rate, steps_per_epoch, train_tail
-from client.privacy_budget import PrivacyLedger, default_delta
+from client.local_training import TrainingOutcome, random_flip_and_shift, train_tail
+from client.privacy_budget import PrivacyLedger, default_delta, sample_rate_for, steps_per_epoch
 from client.site_settings import SiteSettings
 from client.site_state import SiteState
 from client.trunk_feature_cache import cached_trunk_features
@@ -75,7 +75,7 @@ class SiteSession:
             if name not in full:
                 raise ValueError(f"backbone tensor {name!r} does not belong to a {config.model.architecture}")
             full[name] = tensor
-        head = state.load_local_head()
+        head = state.load_local_head(backbone_fingerprint=fingerprint)
         if head is not None and set(head) == set(groups.local):
             full.update(head)
         elif head is not None:
@@ -139,18 +139,17 @@ class SiteSession:
     def privacy_ledger(self) -> PrivacyLedger:
         privacy, training = self.config.privacy, self.config.training
         delta = privacy.target_delta or default_delta(self.num_train)
-        return PrivacyLedger.load_or_create(
-            self.state.ledger_path,
+        return self.state.open_ledger(
             target_epsilon=privacy.target_epsilon,
             delta=delta,
-            sample_rate=sample_rate(self.num_train, training.batch_size),
+            sample_rate=sample_rate_for(self.num_train, training.batch_size),
             planned_steps=self.planned_steps_per_round() * training.rounds,
             accountant=privacy.accountant,
         )
 
     def planned_steps_per_round(self) -> int:
         training = self.config.training
-        return training.local_epochs * steps_per_epoch(self.num_train, training.batch_size)
+        return training.local_epochs * steps_per_epoch(sample_rate_for(self.num_train, training.batch_size))
 
     def load_shared(self, shared: Mapping[str, torch.Tensor]) -> None:
         expected = set(self.groups.shared)
@@ -188,8 +187,10 @@ class SiteSession:
             seed=_site_seed(self.config.seed, self.settings.site_name) * 1000 + server_round,
             augment=random_flip_and_shift() if training.augmentation else None,
         )
+        local = set(self.groups.local)
         self.state.save_local_head(
-            {name: tensor.detach().cpu() for name, tensor in self.model.state_dict().items() if name in set(self.groups.local)}
+            {name: tensor.detach().cpu() for name, tensor in self.model.state_dict().items() if name in local},
+            backbone_fingerprint=self.fingerprint,
         )
         return outcome
 
