@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 
 from common import wire_contract as wc
 from common.config import FederationConfig
-from common.update_encoding import EncodedUpdate, decode_update
+from common.update_encoding import EncodedUpdate, UpdateEncodingError, decode_update
 from server.aggregation import make_aggregator
 from server.backbone_source import PreparedBackbone
 from server.checkpoints import latest_checkpoint, save_checkpoint
@@ -101,8 +101,8 @@ def run_federation(grid: Grid, config: FederationConfig, backbone: PreparedBackb
                     weights = decode_update(EncodedUpdate(
                         tensors={k: torch.from_numpy(v.copy()) for k, v in outcome.tensors.items()},
                         scales={k: torch.tensor(s, dtype=torch.float32) for k, s in outcome.scales.items()},
-                        encoding=outcome.encoding), global_shared)
-                except ValueError as exc:
+                    ), global_shared)
+                except UpdateEncodingError as exc:
                     _drop(recorder, server_round, site, f"update cannot be decoded: {exc}")
                     continue
                 updates[node] = (weights, outcome.num_examples)

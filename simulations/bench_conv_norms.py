@@ -73,7 +73,8 @@ def _make_step(mode: str, batch: int, device: torch.device) -> Callable[[torch.T
         registry.pop(nn.Conv2d, None)
     else:
         conv_norm_samplers.register_conv_norm_samplers()
-    loader = DataLoader(TensorDataset(torch.zeros(batch, 256, 4, 4), torch.zeros(batch, dtype=torch.long)), batch_size=batch)
+    dataset = TensorDataset(torch.zeros(batch, 256, 4, 4), torch.zeros(batch, dtype=torch.long))
+    loader = DataLoader(dataset, batch_size=batch)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         wrapped = PrivacyEngine().make_private(
@@ -119,7 +120,9 @@ def measure(mode: str, batch: int, steps: int, device: torch.device) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, default=64, help="images per step")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per mode")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
