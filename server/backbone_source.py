@@ -19,7 +19,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from common.backbones import build_backbone
+import torchvision
+
+from common.backbones import build_backbone, from_torchvision_state
 from common.config import FederationConfig, ModelConfig
 from common.image_preprocessing import Preprocessing
 from common.layer_policy import apply_policy, resolve_policy
@@ -30,7 +32,7 @@ from common.model_weights import (
     save_backbone_checkpoint,
 )
 from common.site_dataset import load_site_dataset
-from common.synthetic_hospitals import PUBLIC_SOURCE_CLASSES, generate_public_source
+from common.synthetic_hospitals import PUBLIC_CLASS_NAMES, generate_public_source
 
 logger = logging.getLogger(__name__)
 
@@ -94,34 +96,40 @@ def prepare_backbone(config: FederationConfig, cache_dir: Path, *, random_init: 
 
 
 def pretrained_public_source_checkpoint(model_config: ModelConfig, cache_dir: Path, *, seed: int) -> Path:
-    """Pretrain (once) on the synthetic public source; later calls return the cached checkpoint."""
-    key_text = f"{model_config.architecture}|{model_config.in_channels}|{model_config.image_size}|{seed}|" \
-               f"{PRETRAIN_IMAGES}|{PRETRAIN_EPOCHS}|v1"
+    """Pretrain (once) on the synthetic public source; later calls return the cached checkpoint.
+
+    The torchvision model is trained as torchvision builds it (trainable BatchNorm, RGB input with
+    the gray images replicated, its own 4-class classifier), exactly like an ImageNet checkpoint
+    is made; it is then converted like real torchvision weights (first layer folded to gray,
+    BatchNorm frozen, classifier dropped) and saved as a fedtl checkpoint.
+    """
+    key_text = (f"{model_config.model_dump_json(exclude={'weights', 'checkpoint'})}|{seed}|"
+                f"{PRETRAIN_IMAGES}|{PRETRAIN_EPOCHS}|v2")
     key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"backbone-{model_config.architecture}-{key}.pt"
     if path.exists():
         logger.info("using cached pretrained backbone %s", path.name)
         return path
     started = time.perf_counter()
-    source_dir = Path(cache_dir) / f"public-source-{seed}-{model_config.image_size}"
+    source_dir = Path(cache_dir) / f"public-source-{seed}-{model_config.image_size}px"
     manifest = generate_public_source(source_dir, num_images=PRETRAIN_IMAGES, seed=seed,
                                       image_size=model_config.image_size)
-    pretrain_config = model_config.model_copy(update={
-        "num_classes": len(PUBLIC_SOURCE_CLASSES), "class_names": list(PUBLIC_SOURCE_CLASSES),
-        "clinical_features": [], "weights": None, "checkpoint": None,
-    })
     mean, std = (0.5,) * model_config.in_channels, (0.25,) * model_config.in_channels
     data = load_site_dataset(
         manifest,
-        preprocessing=Preprocessing(model_config.image_size, model_config.in_channels, mean, std),
+        preprocessing=Preprocessing(model_config.image_size, 1, (0.5,), (0.25,)),
         cache_dir=source_dir / "decoded",
-        class_names=list(PUBLIC_SOURCE_CLASSES),
-        clinical_features=[],
+        class_names=list(PUBLIC_CLASS_NAMES),
         frame_policy="middle",
+        show_progress=False,
     )
     torch.manual_seed(seed)
-    model = build_backbone(pretrain_config, load_weights=False)
-    _train_plainly(model, data.images, data.labels, epochs=PRETRAIN_EPOCHS, seed=seed)
+    builder_kwargs = {"image_size": model_config.image_size} if model_config.architecture.startswith("vit") else {}
+    network = torchvision.models.get_model(model_config.architecture, weights=None,
+                                           num_classes=len(PUBLIC_CLASS_NAMES), **builder_kwargs)
+    _train_plainly(network, data.images.expand(-1, 3, -1, -1), data.labels, epochs=PRETRAIN_EPOCHS, seed=seed)
+    state = {k: v for k, v in network.state_dict().items()}
+    model = from_torchvision_state(model_config, state)
     save_backbone_checkpoint(path, model, (mean, std))
     logger.info("pretrained %s on %d public-source images in %.1f s -> %s", model_config.architecture,
                 len(data.labels), time.perf_counter() - started, path.name)
@@ -129,17 +137,15 @@ def pretrained_public_source_checkpoint(model_config: ModelConfig, cache_dir: Pa
 
 
 def _train_plainly(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: int, seed: int) -> None:
-    """Ordinary (non-private) training on public data: all layers trainable, BN stays frozen."""
-    for param in model.parameters():
-        param.requires_grad_(True)
+    """Ordinary (non-private) training on public data, as an ImageNet backbone was trained."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(seed)
     criterion = nn.CrossEntropyLoss()
     model.train()
     for epoch in range(epochs):
         order = torch.randperm(len(labels), generator=generator)
-        batches = range(0, len(order), 64)
-        progress = tqdm(batches, desc=f"pretraining backbone, epoch {epoch + 1}/{epochs}", leave=False)
+        progress = tqdm(range(0, len(order), 64), desc=f"pretraining backbone, epoch {epoch + 1}/{epochs}",
+                        leave=False)
         for start in progress:
             idx = order[start : start + 64]
             optimizer.zero_grad()
@@ -147,3 +153,4 @@ def _train_plainly(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
             loss.backward()
             optimizer.step()
             progress.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()

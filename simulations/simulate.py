@@ -20,7 +20,8 @@ from tqdm import tqdm
 from client.client_app import make_client_app
 from client.site_settings import SiteSettings
 from common.config import FederationConfig
-from common.synthetic_hospitals import generate_federation
+from common.atomic_io import atomic_write_json
+from common.synthetic_hospitals import default_site_sizes, generate_federation
 from server.server_app import make_server_app
 
 logger = logging.getLogger(__name__)
@@ -51,10 +52,14 @@ def synthetic_sites(plan: SimulationPlan) -> dict[int, SiteSettings]:
     """Write (or reuse) the synthetic hospitals and map each simulation partition to one."""
     data_dir = plan.cache_dir / f"hospitals-n{plan.num_sites}-s{plan.data_seed}-x{plan.site_scale:g}-" \
                                 f"{plan.config.model.image_size}px"
-    manifests = generate_federation(
-        data_dir, num_sites=plan.num_sites, seed=plan.data_seed, image_size=plan.config.model.image_size,
-        scale=plan.site_scale,
-    )
+    marker = data_dir / "manifests.json"
+    if marker.exists():
+        manifests = [data_dir / name for name in json.loads(marker.read_text())]
+    else:
+        sizes = [max(12, round(size * plan.site_scale)) for size in default_site_sizes(plan.num_sites)]
+        manifests = generate_federation(data_dir, num_sites=plan.num_sites, seed=plan.data_seed,
+                                        image_size=plan.config.model.image_size, site_sizes=sizes)
+        atomic_write_json(marker, [str(Path(m).relative_to(data_dir)) for m in manifests])
     return {
         index: SiteSettings(
             site_name=f"hospital-{index}",
