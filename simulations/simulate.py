@@ -48,6 +48,10 @@ class SimulationPlan:
         return self.cache_root or self.run_dir.parent / ".cache"
 
 
+class SimulationIncomplete(RuntimeError):
+    """The simulated federation ended before its last round (the server app failed)."""
+
+
 def synthetic_sites(plan: SimulationPlan) -> dict[int, SiteSettings]:
     """Write (or reuse) the synthetic hospitals and map each simulation partition to one."""
     data_dir = plan.cache_dir / f"hospitals-n{plan.num_sites}-s{plan.data_seed}-x{plan.site_scale:g}-" \
@@ -103,6 +107,13 @@ def run_federated(plan: SimulationPlan, sites: dict[int, SiteSettings] | None = 
     if not metrics_path.exists():
         raise RuntimeError(f"the simulation wrote no {metrics_path}; see the log above for the server's error")
     metrics = json.loads(metrics_path.read_text())
+    completed = [record["round"] for record in metrics.get("rounds", [])]
+    if not completed or completed[-1] < plan.config.training.rounds:
+        raise SimulationIncomplete(
+            f"the federation stopped after round {completed[-1] if completed else 0} of "
+            f"{plan.config.training.rounds} (see the server's error above); the completed rounds are checkpointed "
+            f"in {plan.run_dir}: rerun with --resume to continue"
+        )
     logger.info("federation %s finished in %.1f s", plan.run_dir.name, time.perf_counter() - started)
     return metrics
 

@@ -1,0 +1,282 @@
+"""One command that turns a hospital machine into a federation member: ``fedtl-hospital start``.
+
+It checks the site's files, writes the node config, records what it started in
+``STATE_DIR/supernode.json`` (read by ``fedtl-hospital health``) and then *becomes*
+``flower-supernode`` (``exec``), so systemd or Docker signal the SuperNode directly:
+
+    flower-supernode --superlink HOST:PORT --root-certificates CA --auth-supernode-private-key KEY
+                     --node-config STATE_DIR/node-config.toml --host 127.0.0.1 --port RUNTIME_PORT
+                     [--max-retries N] [--max-wait-time S]
+
+with ``FLWR_TELEMETRY_ENABLED=0``, ``FLWR_DISABLE_UPDATE_CHECK=1`` and ``FLWR_HOME=STATE_DIR/flwr-home``. The node config carries
+``manifest``, ``state-dir``, ``site-name`` and ``device`` (what :mod:`client.site_settings` reads);
+it is passed as a TOML file, so paths with spaces or quotes survive. The SuperNode's own Runtime
+API (where the ClientApp process fetches its work) listens on loopback only, on a port chosen per
+site. Runtime dependency installation stays off (the SuperNode default): sites are offline.
+
+What leaves the site: only the Fleet API calls to the coordinator (TLS, signed with the site's key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import stat
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RUNTIME_PORT = 9094
+DAEMON_RECORD = "supernode.json"
+NODE_CONFIG_FILE = "node-config.toml"
+
+
+class HospitalSetupError(ValueError):
+    """The site is not ready to join; the message names the file or option and the fix."""
+
+
+@dataclass(frozen=True)
+class HospitalSettings:
+    """One hospital's daemon settings.
+
+    superlink : ``HOST:PORT`` of the coordinator's gate (what ``init-pki --host/--ip`` covered).
+    ca_cert : the federation's ``ca.crt`` (verifies the coordinator's TLS certificate).
+    private_key : this site's node key (OpenSSH EC private key, ``hospitals/NAME.key``), mode 0600.
+    manifest : the site's labels/manifest file (never leaves the site).
+    state_dir : the site's persistent state (privacy ledger, local head, backbone cache, FLWR_HOME).
+    site_name : a name for logs and health output.
+    device : ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+    runtime_port : loopback port of the SuperNode's Runtime API; must differ between sites that
+        share a machine; ``0`` picks a free one at start.
+    max_retries / max_wait_time : reconnection limits; ``None`` retries forever (Flower's default).
+    """
+
+    superlink: str
+    ca_cert: Path
+    private_key: Path
+    manifest: Path
+    state_dir: Path
+    site_name: str
+    device: str = "auto"
+    runtime_port: int = DEFAULT_RUNTIME_PORT
+    max_retries: int | None = None
+    max_wait_time: float | None = None
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.state_dir / "flwr-home"
+
+    @property
+    def node_config_path(self) -> Path:
+        return self.state_dir / NODE_CONFIG_FILE
+
+    @property
+    def record_path(self) -> Path:
+        return self.state_dir / DAEMON_RECORD
+
+
+def check_site(settings: HospitalSettings) -> list[str]:
+    """Refuse to start on a misconfigured site; return warnings that do not block."""
+    warnings: list[str] = []
+    host, _, port = settings.superlink.rpartition(":")
+    if not host or not port.isdigit():
+        raise HospitalSetupError(
+            f"--superlink {settings.superlink!r} must be HOST:PORT of the coordinator (e.g. coordinator.example:9092)"
+        )
+    if not settings.ca_cert.is_file():
+        raise HospitalSetupError(f"--ca {settings.ca_cert}: no such file; copy ca.crt from the coordinator")
+    if b"BEGIN CERTIFICATE" not in settings.ca_cert.read_bytes():
+        raise HospitalSetupError(f"--ca {settings.ca_cert}: not a PEM certificate; use the federation's ca.crt")
+    if not settings.private_key.is_file():
+        raise HospitalSetupError(
+            f"--key {settings.private_key}: no such file; use the site's NAME.key from init-pki or "
+            "'ssh-keygen -t ecdsa -b 384 -N \"\" -f NAME.key' (then send NAME.pub to the coordinator)"
+        )
+    if b"BEGIN OPENSSH PRIVATE KEY" not in settings.private_key.read_bytes():
+        raise HospitalSetupError(
+            f"--key {settings.private_key}: not an OpenSSH private key; Flower node authentication needs "
+            "an EC key in OpenSSH format (ssh-keygen -t ecdsa)"
+        )
+    mode = stat.S_IMODE(settings.private_key.stat().st_mode)
+    if mode & 0o077:
+        raise HospitalSetupError(
+            f"--key {settings.private_key} is readable by other users (mode {mode:o}); run "
+            f"'chmod 600 {settings.private_key}'"
+        )
+    if not settings.manifest.exists():
+        warnings.append(f"manifest {settings.manifest} does not exist yet: training requests will fail until it does")
+    return warnings
+
+
+def node_config_toml(settings: HospitalSettings) -> str:
+    """The node config file: the keys :func:`client.site_settings.settings_from_node_config` reads."""
+    values = {
+        "manifest": str(settings.manifest.resolve()),
+        "state-dir": str(settings.state_dir.resolve()),
+        "site-name": settings.site_name,
+        "device": settings.device,
+    }
+    # A JSON string literal is a valid TOML basic string (same escapes).
+    return "".join(f'"{key}" = {json.dumps(value)}\n' for key, value in values.items())
+
+
+def supernode_command(settings: HospitalSettings, runtime_port: int) -> list[str]:
+    """The exact ``flower-supernode`` command line for this site."""
+    command = [
+        _flower_executable("flower-supernode"),
+        "--superlink",
+        settings.superlink,
+        "--root-certificates",
+        str(settings.ca_cert.resolve()),
+        "--auth-supernode-private-key",
+        str(settings.private_key.resolve()),
+        "--node-config",
+        str(settings.node_config_path.resolve()),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(runtime_port),
+    ]
+    if settings.max_retries is not None:
+        command += ["--max-retries", str(settings.max_retries)]
+    if settings.max_wait_time is not None:
+        command += ["--max-wait-time", str(settings.max_wait_time)]
+    return command
+
+
+def supernode_env(settings: HospitalSettings, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment of the SuperNode: telemetry and update check off, the site's own FLWR_HOME, this
+    venv's commands first."""
+    env = dict(os.environ if base is None else base)
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"  # Flower 1.41 otherwise calls its update-check URL at start
+    env["FLWR_HOME"] = str(settings.flwr_home.resolve())
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def pick_runtime_port(requested: int) -> int:
+    """``requested`` itself, or a free loopback port when it is 0."""
+    if requested:
+        return requested
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def prepare_site(settings: HospitalSettings) -> list[str]:
+    """Check the site, create its state dir (0700) and write the node config; return the command."""
+    for warning in check_site(settings):
+        logger.warning("%s", warning)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(settings.state_dir, 0o700)
+    settings.flwr_home.mkdir(parents=True, exist_ok=True)
+    _write_text(settings.node_config_path, node_config_toml(settings))
+    return supernode_command(settings, pick_runtime_port(settings.runtime_port))
+
+
+def write_daemon_record(settings: HospitalSettings, command: list[str]) -> None:
+    """Record what runs for ``fedtl-hospital health``: this pid (which ``exec`` hands to the SuperNode)."""
+    record = {
+        "pid": os.getpid(),
+        "started_at": time.time(),
+        "command": command,
+        **{key: str(value.resolve() if isinstance(value, Path) else value) for key, value in asdict(settings).items()},
+    }
+    _write_text(settings.record_path, json.dumps(record, indent=2))
+
+
+def start(settings: HospitalSettings) -> None:
+    """Prepare the site and replace this process with ``flower-supernode`` (does not return)."""
+    command = prepare_site(settings)
+    write_daemon_record(settings, command)
+    logger.info("site %s joins %s: %s", settings.site_name, settings.superlink, " ".join(command))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(command[0], command, supernode_env(settings))
+
+
+def _flower_executable(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    raise HospitalSetupError(
+        f"'{name}' is not installed next to {sys.executable}; install fedtl here (pip install -e .) "
+        "so that the pinned flwr is present"
+    )
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedtl-hospital start", description="Join the federation: start this site's SuperNode over TLS."
+    )
+    parser.add_argument("--superlink", required=True, help="coordinator HOST:PORT (its Fleet gate)")
+    parser.add_argument("--ca", required=True, type=Path, help="federation ca.crt")
+    parser.add_argument("--key", required=True, type=Path, help="this site's OpenSSH EC private key (NAME.key)")
+    parser.add_argument("--manifest", required=True, type=Path, help="the site's manifest file")
+    parser.add_argument("--state-dir", required=True, type=Path, help="the site's persistent state directory")
+    parser.add_argument("--site-name", required=True, help="name of this site (logs, health output)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--runtime-port",
+        type=int,
+        default=DEFAULT_RUNTIME_PORT,
+        help=f"loopback port of the SuperNode Runtime API (default {DEFAULT_RUNTIME_PORT}; 0 = any free port)",
+    )
+    parser.add_argument("--max-retries", type=int, default=None, help="give up after N reconnection attempts")
+    parser.add_argument("--max-wait-time", type=float, default=None, help="give up reconnecting after S seconds")
+    parser.add_argument("--print-command", action="store_true", help="print the SuperNode command and exit")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``fedtl-hospital start ...`` (execs the SuperNode; returns only on a setup error (2) or with
+    ``--print-command`` (0)) or ``fedtl-hospital health ...`` (see :mod:`client.site_health`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["health"]:
+        from client.site_health import main as health_main
+
+        return health_main(argv[1:])
+    if argv[:1] == ["start"]:
+        argv = argv[1:]
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = HospitalSettings(
+        superlink=args.superlink,
+        ca_cert=args.ca,
+        private_key=args.key,
+        manifest=args.manifest,
+        state_dir=args.state_dir,
+        site_name=args.site_name,
+        device=args.device,
+        runtime_port=args.runtime_port,
+        max_retries=args.max_retries,
+        max_wait_time=args.max_wait_time,
+    )
+    try:
+        if args.print_command:
+            print(" ".join(prepare_site(settings)))
+            return 0
+        start(settings)
+    except HospitalSetupError as exc:
+        logger.error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

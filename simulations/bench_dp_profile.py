@@ -1,0 +1,199 @@
+"""Where a DP-SGD step of fedtl's tail spends its time (one batch of cached trunk features).
+
+Times, as medians over repeated steps of the same batch, the phases of:
+
+* a non-private step: forward, backward, optimizer step;
+* an Opacus ghost-clipping step as ``client.local_training.train_tail`` runs it: forward,
+  first backward (the layer hooks compute per-sample norms; autograd also computes parameter
+  gradients that Opacus discards), second backward (the clipping-weighted loss), the DP
+  optimizer's pre-step (clip bookkeeping, noise, scaling) and the parameter update; the time
+  spent inside the norm samplers (``GradSampleModuleFastGradientClipping.NORM_SAMPLERS``) is
+  measured separately, as part of the first backward;
+* the same with the first pass restricted to input gradients
+  (:mod:`simulations.bench_fast_ghost`).
+
+Run inside a benchmark worker process (``simulations.bench_training``); see
+:func:`profile_dp_step`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from opacus import PrivacyEngine
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from simulations import bench_fast_ghost
+
+
+class _PhaseClock:
+    """Accumulates wall time per named phase for the current step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.current: dict[str, float] = {}
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self._sync()
+        start = time.perf_counter()
+        yield
+        self._sync()
+        self.current[name] = self.current.get(name, 0.0) + time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _timed_norm_samplers(clock: _PhaseClock) -> Iterator[None]:
+    """Wrap every registered ghost norm sampler so its time adds to the phase ``norm_samplers``."""
+    registry = GradSampleModuleFastGradientClipping.NORM_SAMPLERS
+    originals = dict(registry)
+
+    def wrap(function: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            with clock.phase("norm_samplers"):
+                return function(*args, **kwargs)
+
+        return timed
+
+    for layer_type, function in originals.items():
+        registry[layer_type] = wrap(function)
+    try:
+        yield
+    finally:
+        registry.clear()
+        registry.update(originals)
+
+
+def _medians(samples: list[dict[str, float]]) -> dict[str, float]:
+    names = sorted({name for sample in samples for name in sample})
+    return {name: round(1000 * statistics.median(s.get(name, 0.0) for s in samples), 2) for name in names}
+
+
+def _profile_nonprivate(tail: nn.Module, batch: torch.Tensor, clinical: torch.Tensor, target: torch.Tensor,
+                        clock: _PhaseClock, repeats: int) -> dict[str, float]:
+    params = [p for p in tail.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    criterion = nn.CrossEntropyLoss()
+    samples = []
+    for index in range(repeats + 1):
+        clock.current = {}
+        optimizer.zero_grad(set_to_none=True)
+        with clock.phase("forward"):
+            loss = criterion(tail(batch, clinical), target)
+        with clock.phase("backward"):
+            loss.backward()
+        with clock.phase("optimizer_step"):
+            optimizer.step()
+        if index > 0:  # the first step warms up
+            samples.append(clock.current)
+    return _medians(samples)
+
+
+def _profile_ghost(tail: nn.Module, batch: torch.Tensor, clinical: torch.Tensor, target: torch.Tensor,
+                   clock: _PhaseClock, repeats: int, max_grad_norm: float, fast: bool) -> dict[str, float]:
+    params = [p for p in tail.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
+    loader = DataLoader(TensorDataset(batch.cpu(), clinical.cpu(), target.cpu()), batch_size=len(batch))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dp_module, dp_optimizer, criterion, _ = PrivacyEngine().make_private(
+            module=tail, optimizer=optimizer, criterion=nn.CrossEntropyLoss(), data_loader=loader,
+            noise_multiplier=1.0, max_grad_norm=max_grad_norm, poisson_sampling=False, grad_sample_mode="ghost",
+        )
+    inner = tail
+    samples = []
+    try:
+        with _timed_norm_samplers(clock), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tracker = bench_fast_ghost.track_tail_inputs(inner) if fast else contextlib.nullcontext()
+            with tracker:
+                for index in range(repeats + 1):
+                    clock.current = {}
+                    dp_optimizer.zero_grad(set_to_none=True)
+                    with clock.phase("forward"):
+                        loss = criterion(dp_module(batch, clinical), target)
+                    with clock.phase("backward_both_passes"):
+                        _two_pass_backward(loss, dp_module, clock, fast)
+                    with clock.phase("dp_pre_step_clip_noise"):
+                        dp_optimizer.pre_step()
+                    with clock.phase("optimizer_step"):
+                        dp_optimizer.original_optimizer.step()
+                    if index > 0:
+                        samples.append(clock.current)
+    finally:
+        dp_module._close()
+    figures = _medians(samples)
+    figures["first_pass_without_norm_samplers"] = round(
+        figures.get("first_backward", 0.0) - figures.get("norm_samplers", 0.0), 2
+    )
+    return figures
+
+
+def _two_pass_backward(loss: Any, dp_module: Any, clock: _PhaseClock, fast: bool) -> None:
+    """Opacus' ghost backward (stock or fast first pass), with each pass timed."""
+    reduced = torch.mean(loss.loss_per_sample, dim=0)
+    params = list(dp_module.trainable_parameters)
+    with clock.phase("first_backward"):
+        if fast:
+            leaves = [t for t in bench_fast_ghost._STASH.tensors if t.requires_grad]
+            torch.autograd.grad(reduced, leaves, retain_graph=True, allow_unused=True)
+        else:
+            reduced.backward(retain_graph=True)
+    for p in params:
+        p.grad = None
+    with clock.phase("clipping_coefficients"):
+        coeff = dp_module.get_clipping_coef()
+    second = torch.sum(coeff * loss.loss_per_sample)
+    dp_module.disable_hooks()
+    try:
+        with clock.phase("second_backward"):
+            if fast:
+                second.backward(inputs=params)
+            else:
+                second.backward()
+    finally:
+        dp_module.enable_hooks()
+
+
+def profile_dp_step(tail_factory: Callable[[], nn.Module], features: torch.Tensor, labels: torch.Tensor,
+                    *, batch_size: int, max_grad_norm: float, device: torch.device,
+                    repeats: int = 5) -> dict[str, Any]:
+    """Median milliseconds per phase of a non-private, a stock ghost and a fast-first-pass ghost step.
+
+    Args:
+        tail_factory: returns a fresh ``FedModel.tail(boundary)`` (trainable parameters set).
+        features: cached trunk outputs; the first ``batch_size`` are used.
+        labels: their labels.
+        batch_size: images in the profiled batch.
+        max_grad_norm: clipping bound.
+        device: where to run.
+        repeats: timed steps per variant (after one warm-up step).
+    """
+    batch = features[:batch_size].to(device)
+    target = labels[:batch_size].to(device)
+    clinical = torch.zeros(len(batch), 0, device=device)
+    clock = _PhaseClock(device)
+    figures: dict[str, Any] = {"batch_size": len(batch), "repeats": repeats, "unit": "ms (median)"}
+    figures["nonprivate"] = _profile_nonprivate(tail_factory().to(device).train(), batch, clinical, target,
+                                                clock, repeats)
+    figures["ghost_stock"] = _profile_ghost(tail_factory().to(device).train(), batch, clinical, target,
+                                            clock, repeats, max_grad_norm, fast=False)
+    figures["ghost_fast_first_pass"] = _profile_ghost(tail_factory().to(device).train(), batch, clinical,
+                                                      target, clock, repeats, max_grad_norm, fast=True)
+    for name in ("nonprivate", "ghost_stock", "ghost_fast_first_pass"):
+        phases = figures[name]
+        top = ("forward", "backward", "backward_both_passes", "dp_pre_step_clip_noise", "optimizer_step")
+        phases["step_total"] = round(sum(phases.get(key, 0.0) for key in top), 2)
+    return figures

@@ -1,0 +1,113 @@
+"""A small federation run end to end through Flower's simulation runtime (Ray)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, Context, Message
+from flwr.clientapp import ClientApp
+
+from client.client_app import make_client_app
+from common import wire_contract as wc
+from common.config import FederationConfig
+from simulations.simulate import SimulationIncomplete, SimulationPlan, run_federated, synthetic_sites
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_plan(tmp_path: Path, rounds: int = 2, **privacy: object) -> SimulationPlan:
+    config = FederationConfig.from_dict({
+        "name": "tiny",
+        "model": {"architecture": "resnet18", "image_size": 32},
+        "privacy": {"enabled": True, "target_epsilon": 8.0, **privacy},
+        "strategy": {"name": "fedprox", "min_sites": 2, "round_timeout_s": 120},
+        "training": {"rounds": rounds, "local_epochs": 1, "batch_size": 16, "device": "cpu"},
+    })
+    return SimulationPlan(config=config, run_dir=tmp_path / "run", num_sites=3, site_scale=0.15,
+                          cache_root=tmp_path / "cache")
+
+
+def test_a_small_federation_runs_every_round_and_records_each_site(tmp_path: Path) -> None:
+    plan = tiny_plan(tmp_path)
+    metrics = run_federated(plan)
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    for record in metrics["rounds"]:
+        assert len(record["sites"]) == 3
+        for site, row in record["sites"].items():
+            assert site.startswith("hospital-")
+            assert row["status"] == "ok"
+            assert 0.0 < row["epsilon"] <= 8.0
+            assert 0.0 <= row["balanced_accuracy"] <= 1.0
+            assert row["num_examples"] > 0
+    eps = [[r["sites"][s]["epsilon"] for r in metrics["rounds"]] for s in metrics["rounds"][0]["sites"]]
+    assert all(a < b for a, b in eps), "cumulative epsilon must grow every round"
+    assert (plan.run_dir / "metrics.csv").exists()
+    assert (plan.run_dir / "checkpoints").is_dir()
+    # the backbone travels once per site, not every round
+    first, second = metrics["rounds"]
+    assert second["bytes_sent"] < first["bytes_sent"]
+
+
+def test_resume_after_an_interrupted_run_continues_from_the_last_completed_round(tmp_path: Path, monkeypatch) -> None:
+    import server.federation_loop as loop
+
+    plan = tiny_plan(tmp_path, rounds=2)
+    real_save = loop.save_checkpoint
+
+    def crash_in_round_two(run_dir, server_round, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if server_round == 2:
+            raise KeyboardInterrupt("coordinator killed during round 2")
+        return real_save(run_dir, server_round, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "save_checkpoint", crash_in_round_two)
+    with pytest.raises(SimulationIncomplete, match="--resume"):
+        run_federated(plan)
+    interrupted = json.loads((plan.run_dir / "metrics.json").read_text())
+    assert [r["round"] for r in interrupted["rounds"]] == [1]
+
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    metrics = run_federated(dataclasses.replace(plan, resume=True))
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    assert metrics["rounds"][0] == interrupted["rounds"][0], "the completed round is kept, not redone"
+
+
+class _GarbageSite:
+    """Wraps the real ClientApp; one partition answers train with NaN tensors."""
+
+    def __init__(self, real: ClientApp, bad_partition: int) -> None:
+        self.real, self.bad = real, bad_partition
+
+    def __call__(self, msg: Message, context: Context) -> Message:
+        reply = self.real(msg, context)
+        if int(context.node_config["partition-id"]) == self.bad and wc.SHARED in reply.content:
+            tensors = reply.content[wc.SHARED].to_numpy_ndarrays()
+            poisoned = {key: np.full_like(array, np.nan) for key, array in zip(reply.content[wc.SHARED].keys(), tensors)}
+            reply.content[wc.SHARED] = ArrayRecord({k: __import__("flwr").app.Array(v) for k, v in poisoned.items()})
+        return reply
+
+
+def test_one_site_returning_garbage_is_dropped_and_the_rounds_go_on(tmp_path: Path, monkeypatch) -> None:
+    plan = tiny_plan(tmp_path)
+    sites = synthetic_sites(plan)
+    real = make_client_app(sites)
+    wrapper = _GarbageSite(real, bad_partition=1)
+    garbage_app = ClientApp()
+    garbage_app.train()(wrapper)
+    garbage_app.evaluate()(real)
+    garbage_app.query()(real)
+    monkeypatch.setattr("simulations.simulate.make_client_app", lambda directory: garbage_app)
+    metrics = run_federated(plan, sites)
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    for record in metrics["rounds"]:
+        reasons = {d["site"]: d["reason"] for d in record["dropped"]}
+        assert "hospital-1" in reasons and "NaN" in reasons["hospital-1"] or "nan" in reasons["hospital-1"].lower()
+        for site in ("hospital-0", "hospital-2"):
+            assert record["sites"][site]["status"] == "ok"
+            assert math.isfinite(record["sites"][site]["balanced_accuracy"])
+    saved = json.loads((plan.run_dir / "metrics.json").read_text())
+    assert saved["rounds"][-1]["aggregate"]["sites_trained"] == 2
