@@ -1,0 +1,301 @@
+"""A real federation on loopback: coordinator (SuperLink + gate), hospitals (SuperNodes), and cleanup.
+
+Everything runs as the real commands an operator would type (``python -m server.coordinator_service
+start``, ``python -m client.hospital_daemon start``, ``flwr``), each with its own free ports, its own
+FLWR_HOME and its own log file under the test's temporary directory. :class:`ProcessSupervisor`
+starts every command in its own process group and, on ``stop_all``, terminates the groups AND every
+descendant it can find (Flower starts ``flower-superexec`` in a new session), then kills what is
+left after a grace period.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from client.site_health import probe_superlink
+from server.coordinator_service import (
+    IN_MEMORY_DATABASE,
+    CoordinatorSettings,
+    coordinator_env,
+    flower_executable,
+    submit_run,
+)
+from server.federation_pki import FederationPki, init_pki
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+FIXTURE_APP = Path(__file__).resolve().parent / "fixture_app"
+STOP_GRACE_S = 8.0
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _children_by_parent() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    return children
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc), found before anything is signalled."""
+    children = _children_by_parent()
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@dataclass
+class ManagedProcess:
+    """One command the harness started; ``log`` holds its stdout and stderr."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def wait_for_exit(self, timeout_s: float) -> int | None:
+        try:
+            return self.popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
+
+@dataclass
+class ProcessSupervisor:
+    """Starts commands in their own process groups and stops every one of them (and their children)."""
+
+    log_dir: Path
+    processes: list[ManagedProcess] = field(default_factory=list)
+
+    def start(self, name: str, argv: Sequence[str], env: dict[str, str]) -> ManagedProcess:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = self.log_dir / f"{name}.log"
+        with log.open("wb") as sink:
+            popen = subprocess.Popen(
+                list(argv), cwd=REPO_ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        managed = ManagedProcess(name, popen, log)
+        self.processes.append(managed)
+        return managed
+
+    def stop(self, managed: ManagedProcess) -> None:
+        pids = [managed.popen.pid, *descendants(managed.popen.pid)]
+        for pid in pids:
+            _signal(pid, signal.SIGTERM, group=pid == managed.popen.pid)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while time.monotonic() < deadline:
+            managed.popen.poll()
+            if not any(_alive(pid) for pid in pids):
+                break
+            time.sleep(0.1)
+        for pid in pids:
+            if _alive(pid):
+                _signal(pid, signal.SIGKILL, group=pid == managed.popen.pid)
+        try:
+            managed.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def stop_all(self) -> None:
+        for managed in reversed(self.processes):
+            self.stop(managed)
+        self.processes.clear()
+
+
+def _signal(pid: int, sig: signal.Signals, group: bool) -> None:
+    try:
+        if group:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@dataclass
+class LoopbackFederation:
+    """A coordinator and its hospitals on 127.0.0.1, all started by ``supervisor``."""
+
+    root: Path
+    pki: FederationPki
+    coordinator: CoordinatorSettings
+    supervisor: ProcessSupervisor
+    hospitals: dict[str, ManagedProcess] = field(default_factory=dict)
+
+    @property
+    def public_address(self) -> str:
+        return f"127.0.0.1:{self.coordinator.public_port}"
+
+    def start_hospital(
+        self,
+        name: str,
+        key: Path | None = None,
+        ca_cert: Path | None = None,
+        max_retries: int | None = None,
+    ) -> ManagedProcess:
+        """Start ``client.hospital_daemon start`` for ``name`` (by default with its own key and the CA)."""
+        state_dir = self.root / "sites" / name
+        argv = [
+            sys.executable,
+            "-m",
+            "client.hospital_daemon",
+            "start",
+            "--superlink",
+            self.public_address,
+            "--ca",
+            str(ca_cert or self.pki.ca_cert),
+            "--key",
+            str(key or self.pki.hospital_private_key(name)),
+            "--manifest",
+            str(state_dir / "manifest.csv"),
+            "--state-dir",
+            str(state_dir),
+            "--site-name",
+            name,
+            "--device",
+            "cpu",
+            "--runtime-port",
+            str(free_port()),
+        ]
+        if max_retries is not None:
+            argv += ["--max-retries", str(max_retries)]
+        managed = self.supervisor.start(f"hospital-{name}", argv, _child_env())
+        self.hospitals[name] = managed
+        return managed
+
+    def flwr(self, *args: str, flwr_home: Path | None = None, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run the real ``flwr`` CLI with the coordinator's FLWR_HOME (or another one)."""
+        env = coordinator_env(self.coordinator, _child_env())
+        if flwr_home is not None:
+            env["FLWR_HOME"] = str(flwr_home)
+        return subprocess.run(
+            [flower_executable("flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout_s
+        )
+
+    def online_nodes(self) -> int:
+        result = self.flwr("supernode", "ls", "--format", "json")
+        try:
+            nodes = json.loads(result.stdout)["nodes"]
+        except (ValueError, KeyError):
+            return 0
+        return sum(1 for node in nodes if node.get("status") == "online")
+
+    def wait_for_online_nodes(self, count: int, timeout_s: float = 40) -> None:
+        deadline = time.monotonic() + timeout_s
+        seen = 0
+        while time.monotonic() < deadline:
+            seen = self.online_nodes()
+            if seen >= count:
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"{seen} of {count} hospitals online after {timeout_s} s; logs in {self.supervisor.log_dir}")
+
+    def submit_fixture_run(self) -> int:
+        """Submit the fixture app from the coordinator machine (the loopback profile)."""
+        return submit_run(self.coordinator, FIXTURE_APP)
+
+    def run_status(self, run_id: int) -> str:
+        result = self.flwr("ls", "--run-id", str(run_id), "--format", "json")
+        try:
+            return str(json.loads(result.stdout)["runs"][0]["status"])
+        except (ValueError, KeyError, IndexError):
+            return f"unknown ({result.stdout.strip()[-300:]} {result.stderr.strip()[-300:]})"
+
+    def wait_for_run(self, run_id: int, timeout_s: float = 60) -> str:
+        deadline = time.monotonic() + timeout_s
+        status = "unknown"
+        while time.monotonic() < deadline:
+            status = self.run_status(run_id)
+            if status.startswith("finished"):
+                return status
+            time.sleep(1.0)
+        return status
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def start_loopback_federation(
+    root: Path, supervisor: ProcessSupervisor, hospitals: Sequence[str] = ("h1", "h2", "h3")
+) -> LoopbackFederation:
+    """PKI for ``hospitals``, then the coordinator; returns once the gate answers over TLS."""
+    pki = init_pki(root / "pki", hosts=["localhost"], ips=["127.0.0.1"], hospitals=hospitals)
+    settings = CoordinatorSettings(
+        pki_dir=pki.root,
+        state_dir=root / "coordinator",
+        public_host="127.0.0.1",
+        public_port=free_port(),
+        link_port=free_port(),
+        database=IN_MEMORY_DATABASE,
+    )
+    argv = [
+        sys.executable,
+        "-m",
+        "server.coordinator_service",
+        "start",
+        "--pki",
+        str(settings.pki_dir),
+        "--state-dir",
+        str(settings.state_dir),
+        "--public-host",
+        settings.public_host,
+        "--public-port",
+        str(settings.public_port),
+        "--link-port",
+        str(settings.link_port),
+        "--database",
+        IN_MEMORY_DATABASE,
+    ]
+    coordinator = supervisor.start("coordinator", argv, _child_env())
+    federation = LoopbackFederation(root, pki, settings, supervisor)
+    deadline = time.monotonic() + 60
+    error: str | None = "not started"
+    while time.monotonic() < deadline:
+        if coordinator.popen.poll() is not None:
+            raise AssertionError(f"coordinator exited with {coordinator.popen.returncode}:\n{coordinator.output()[-3000:]}")
+        error = probe_superlink(federation.public_address, pki.ca_cert, timeout_s=1.0)
+        if error is None:
+            return federation
+        time.sleep(0.3)
+    raise AssertionError(f"coordinator gate not healthy after 60 s ({error}):\n{coordinator.output()[-3000:]}")
