@@ -4,7 +4,7 @@
 (``path,label,patient_id,age``) and real DICOM Part 10 files (file meta, SOP class,
 modality CR/DX/MR, pixel spacing, bits allocated/stored, photometric interpretation and
 made-up patient tags). The task is binary, ``CLASS_NAMES = ("normal", "finding")``: a
-finding is a small, faint ring-shaped lesion on a textured "body" that also carries
+finding is a small, subtle ring-shaped lesion on a textured "body" that also carries
 larger, smooth distractor blobs and rib-like stripes, so a model must learn a shape, not a
 brightness. Each patient has several images (the lesion stays at roughly the same place).
 
@@ -215,8 +215,8 @@ class _PatientAnatomy:
             lesion = (
                 body[0] + dist * body[2] * np.sin(angle),
                 body[1] + dist * body[3] * np.cos(angle),
-                rng.uniform(0.045, 0.075),
-                rng.uniform(0.12, 0.20),
+                rng.uniform(0.06, 0.10),
+                rng.uniform(0.22, 0.32),
             )
         return cls(body, lesion, rng.uniform(0, 2 * np.pi), rng.uniform(5.0, 8.0))
 

@@ -106,15 +106,15 @@ def test_same_seed_gives_byte_identical_files_and_another_seed_does_not(tmp_path
             assert dcmread(ma.parent / first).PixelData != dcmread(mc.parent / first).PixelData
 
 
-def test_finding_is_a_faint_local_lesion() -> None:
+def test_finding_is_a_subtle_local_lesion() -> None:
     rng = np.random.default_rng(0)
     anatomy = _PatientAnatomy.draw(rng, 64, 64, finding=True)
     assert anatomy.lesion is not None
     with_lesion = anatomy.render(np.random.default_rng(1), 64, 64)
     without = replace(anatomy, lesion=None).render(np.random.default_rng(1), 64, 64)
     difference = np.abs(with_lesion - without)
-    assert 0.05 < difference.max() < 0.3  # faint
-    assert (difference > 0.02).mean() < 0.10  # and local (a tenth of the image at most)
+    assert 0.05 < difference.max() < 0.3  # subtle: well below the body's contrast
+    assert (difference > 0.02).mean() < 0.20  # and local (a fifth of the image at most)
 
 
 def test_default_site_sizes_differ_about_tenfold() -> None:
