@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	@echo "make demo: the default simulation is not built yet (see issue 5)."; exit 1
+	$(VENV)/bin/fedtl simulate --config simulations/configs/demo.toml --out runs/demo
 
 bench: $(STAMP)
 	@echo "make bench: the benchmark is not built yet (see issue 7)."; exit 1

@@ -81,64 +81,61 @@ def _medians(samples: list[dict[str, float]]) -> dict[str, float]:
     return {name: round(1000 * statistics.median(s.get(name, 0.0) for s in samples), 2) for name in names}
 
 
-def _profile_nonprivate(tail: nn.Module, batch: torch.Tensor, clinical: torch.Tensor, target: torch.Tensor,
-                        clock: _PhaseClock, repeats: int) -> dict[str, float]:
-    params = [p for p in tail.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
-    criterion = nn.CrossEntropyLoss()
-    samples = []
-    for index in range(repeats + 1):
-        clock.current = {}
-        optimizer.zero_grad(set_to_none=True)
+class _NonPrivateStep:
+    """A plain SGD step on its own copy of the tail."""
+
+    def __init__(self, tail: nn.Module) -> None:
+        self.tail = tail
+        self.optimizer = torch.optim.SGD([p for p in tail.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+        self.criterion = nn.CrossEntropyLoss()
+
+    def __call__(self, batch: torch.Tensor, clinical: torch.Tensor, target: torch.Tensor, clock: _PhaseClock) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
         with clock.phase("forward"):
-            loss = criterion(tail(batch, clinical), target)
+            loss = self.criterion(self.tail(batch, clinical), target)
         with clock.phase("backward"):
             loss.backward()
         with clock.phase("optimizer_step"):
-            optimizer.step()
-        if index > 0:  # the first step warms up
-            samples.append(clock.current)
-    return _medians(samples)
+            self.optimizer.step()
+
+    def close(self) -> None:
+        """Nothing to release."""
 
 
-def _profile_ghost(tail: nn.Module, batch: torch.Tensor, clinical: torch.Tensor, target: torch.Tensor,
-                   clock: _PhaseClock, repeats: int, max_grad_norm: float, fast: bool) -> dict[str, float]:
-    params = [p for p in tail.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9)
-    loader = DataLoader(TensorDataset(batch.cpu(), clinical.cpu(), target.cpu()), batch_size=len(batch))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dp_module, dp_optimizer, criterion, _ = PrivacyEngine().make_private(
-            module=tail, optimizer=optimizer, criterion=nn.CrossEntropyLoss(), data_loader=loader,
-            noise_multiplier=1.0, max_grad_norm=max_grad_norm, poisson_sampling=False, grad_sample_mode="ghost",
-        )
-    inner = tail
-    samples = []
-    try:
-        with _timed_norm_samplers(clock), warnings.catch_warnings():
+class _GhostStep:
+    """An Opacus ghost-clipping step (stock or fast first pass) on its own copy of the tail."""
+
+    def __init__(self, tail: nn.Module, batch: torch.Tensor, clinical: torch.Tensor, target: torch.Tensor,
+                 max_grad_norm: float, fast: bool) -> None:
+        self.tail = tail
+        self.fast = fast
+        optimizer = torch.optim.SGD([p for p in tail.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+        loader = DataLoader(TensorDataset(batch.cpu(), clinical.cpu(), target.cpu()), batch_size=len(batch))
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tracker = bench_fast_ghost.track_tail_inputs(inner) if fast else contextlib.nullcontext()
-            with tracker:
-                for index in range(repeats + 1):
-                    clock.current = {}
-                    dp_optimizer.zero_grad(set_to_none=True)
-                    with clock.phase("forward"):
-                        loss = criterion(dp_module(batch, clinical), target)
-                    with clock.phase("backward_both_passes"):
-                        _two_pass_backward(loss, dp_module, clock, fast)
-                    with clock.phase("dp_pre_step_clip_noise"):
-                        dp_optimizer.pre_step()
-                    with clock.phase("optimizer_step"):
-                        dp_optimizer.original_optimizer.step()
-                    if index > 0:
-                        samples.append(clock.current)
-    finally:
-        dp_module._close()
-    figures = _medians(samples)
-    figures["first_pass_without_norm_samplers"] = round(
-        figures.get("first_backward", 0.0) - figures.get("norm_samplers", 0.0), 2
-    )
-    return figures
+            self.dp_module, self.dp_optimizer, self.criterion, _ = PrivacyEngine().make_private(
+                module=tail, optimizer=optimizer, criterion=nn.CrossEntropyLoss(), data_loader=loader,
+                noise_multiplier=1.0, max_grad_norm=max_grad_norm, poisson_sampling=False,
+                grad_sample_mode="ghost",
+            )
+
+    def __call__(self, batch: torch.Tensor, clinical: torch.Tensor, target: torch.Tensor, clock: _PhaseClock) -> None:
+        tracker = bench_fast_ghost.track_tail_inputs(self.tail) if self.fast else contextlib.nullcontext()
+        with tracker, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.dp_optimizer.zero_grad(set_to_none=True)
+            with clock.phase("forward"):
+                loss = self.criterion(self.dp_module(batch, clinical), target)
+            with clock.phase("backward_both_passes"):
+                _two_pass_backward(loss, self.dp_module, clock, self.fast)
+            with clock.phase("dp_pre_step_clip_noise"):
+                self.dp_optimizer.pre_step()
+            with clock.phase("optimizer_step"):
+                self.dp_optimizer.original_optimizer.step()
+
+    def close(self) -> None:
+        """Remove the Opacus hooks."""
+        self.dp_module._close()
 
 
 def _two_pass_backward(loss: Any, dp_module: Any, clock: _PhaseClock, fast: bool) -> None:
@@ -172,28 +169,50 @@ def profile_dp_step(tail_factory: Callable[[], nn.Module], features: torch.Tenso
                     repeats: int = 5) -> dict[str, Any]:
     """Median milliseconds per phase of a non-private, a stock ghost and a fast-first-pass ghost step.
 
+    The three variants run round-robin (one step each per repeat) on independent copies of the
+    tail, so that load from other processes hits them alike.
+
     Args:
-        tail_factory: returns a fresh ``FedModel.tail(boundary)`` (trainable parameters set).
+        tail_factory: returns a fresh, independent tail module (trainable parameters set), e.g.
+            ``lambda: copy.deepcopy(model.tail(boundary))``.
         features: cached trunk outputs; the first ``batch_size`` are used.
         labels: their labels.
         batch_size: images in the profiled batch.
         max_grad_norm: clipping bound.
         device: where to run.
-        repeats: timed steps per variant (after one warm-up step).
+        repeats: timed steps per variant (after one warm-up step each).
     """
     batch = features[:batch_size].to(device)
     target = labels[:batch_size].to(device)
     clinical = torch.zeros(len(batch), 0, device=device)
     clock = _PhaseClock(device)
+    steps: dict[str, Any] = {
+        "nonprivate": _NonPrivateStep(tail_factory().to(device).train()),
+        "ghost_stock": _GhostStep(tail_factory().to(device).train(), batch, clinical, target, max_grad_norm,
+                                  fast=False),
+        "ghost_fast_first_pass": _GhostStep(tail_factory().to(device).train(), batch, clinical, target,
+                                            max_grad_norm, fast=True),
+    }
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in steps}
+    try:
+        with _timed_norm_samplers(clock):
+            for index in range(repeats + 1):
+                for name, step in steps.items():
+                    clock.current = {}
+                    step(batch, clinical, target, clock)
+                    if index > 0:  # the first round warms up
+                        samples[name].append(clock.current)
+    finally:
+        for step in steps.values():
+            step.close()
     figures: dict[str, Any] = {"batch_size": len(batch), "repeats": repeats, "unit": "ms (median)"}
-    figures["nonprivate"] = _profile_nonprivate(tail_factory().to(device).train(), batch, clinical, target,
-                                                clock, repeats)
-    figures["ghost_stock"] = _profile_ghost(tail_factory().to(device).train(), batch, clinical, target,
-                                            clock, repeats, max_grad_norm, fast=False)
-    figures["ghost_fast_first_pass"] = _profile_ghost(tail_factory().to(device).train(), batch, clinical,
-                                                      target, clock, repeats, max_grad_norm, fast=True)
-    for name in ("nonprivate", "ghost_stock", "ghost_fast_first_pass"):
-        phases = figures[name]
-        top = ("forward", "backward", "backward_both_passes", "dp_pre_step_clip_noise", "optimizer_step")
-        phases["step_total"] = round(sum(phases.get(key, 0.0) for key in top), 2)
+    top = ("forward", "backward", "backward_both_passes", "dp_pre_step_clip_noise", "optimizer_step")
+    for name, runs in samples.items():
+        phases = _medians(runs)
+        phases["step_total"] = round(statistics.median(sum(run.get(k, 0.0) for k in top) for run in runs) * 1000, 2)
+        if "first_backward" in phases:
+            phases["first_pass_without_norm_samplers"] = round(
+                phases["first_backward"] - phases.get("norm_samplers", 0.0), 2
+            )
+        figures[name] = phases
     return figures

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import logging
 import resource
@@ -134,8 +135,34 @@ def _max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _proc_status_mib(field_name: str) -> float | None:
+    """``VmHWM`` (peak RSS since the last reset) or ``VmRSS`` from /proc/self/status, in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux >= 4.0: ``echo 5 > /proc/self/clear_refs``)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 class _MemoryMeter:
-    """Peak memory of a phase: CUDA peak allocation, or the growth of the process's max RSS."""
+    """Peak memory of a phase.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after resetting the peak. CPU: the process's peak
+    RSS during the phase (``VmHWM`` after resetting it), reported as the peak itself and as its
+    growth over the RSS at the phase's start; where the mark cannot be reset, the growth of
+    ``ru_maxrss`` (which misses a phase whose peak is below an earlier one).
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -145,18 +172,23 @@ class _MemoryMeter:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            before = torch.cuda.memory_allocated(self.device)
+            before = torch.cuda.memory_allocated(self.device) / 2**20
         else:
-            before = _max_rss_mib()
+            resettable = _reset_peak_rss() and _proc_status_mib("VmHWM") is not None
+            before = (_proc_status_mib("VmRSS") or 0.0) if resettable else _max_rss_mib()
         yield
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device) / 2**20
             into[f"{name}_cuda_peak_mib"] = round(peak, 1)
-            into[f"{name}_cuda_peak_above_start_mib"] = round(peak - before / 2**20, 1)
+            into[f"{name}_cuda_peak_above_start_mib"] = round(peak - before, 1)
+        elif resettable:
+            peak = _proc_status_mib("VmHWM") or 0.0
+            into[f"{name}_peak_rss_mib"] = round(peak, 1)
+            into[f"{name}_peak_rss_growth_mib"] = round(peak - before, 1)
         else:
             into[f"{name}_max_rss_growth_mib"] = round(_max_rss_mib() - before, 1)
-            into["max_rss_mib"] = round(_max_rss_mib(), 1)
+        into["max_rss_mib"] = round(_max_rss_mib(), 1)
 
 
 def _sync(device: torch.device) -> None:
@@ -223,7 +255,8 @@ def run_plain(spec: TrainingBenchSpec, private: bool) -> dict[str, Any]:
     samples = 0
     steps = 0
     start = 0.0
-    with meter.phase(result, "train"):
+    with meter.phase(result, "train"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus' hook warnings, once per step
         for index, (x, y) in enumerate(loader):
             if index == spec.plain_warmup_steps:
                 _sync(device)
@@ -359,19 +392,17 @@ def run_fedtl(spec: TrainingBenchSpec, private: bool, fast_first_pass: bool = Fa
     with tempfile.TemporaryDirectory(prefix="fedtl-bench-") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         warm = min(len(features), 2 * spec.batch_size)
-        with patch:
+        with patch, meter.phase(result, "train"):  # memory: warm-up and timed call; time: timed call only
             # warm-up: a short call with its own ledger (allocator, first-call costs)
             _train_tail_call(spec, model, groups, boundary, features[:warm], labels[:warm], private=private,
                              epochs=1, ledger_dir=Path(tmp), counter=[0], track_inputs=fast_first_pass)
-            with meter.phase(result, "train"):
-                _sync(device)
-                start = time.perf_counter()
-                outcome, ledger = _train_tail_call(spec, model, groups, boundary, features, labels,
-                                                   private=private, epochs=spec.timed_epochs,
-                                                   ledger_dir=Path(tmp), counter=counter,
-                                                   track_inputs=fast_first_pass)
-                _sync(device)
-                seconds = time.perf_counter() - start
+            _sync(device)
+            start = time.perf_counter()
+            outcome, ledger = _train_tail_call(spec, model, groups, boundary, features, labels, private=private,
+                                               epochs=spec.timed_epochs, ledger_dir=Path(tmp), counter=counter,
+                                               track_inputs=fast_first_pass)
+            _sync(device)
+            seconds = time.perf_counter() - start
     result.update(
         samples=counter[0],
         steps=outcome.steps,
@@ -436,7 +467,7 @@ def check_fast_first_pass(
     return {"max_rel_diff_per_sample_norms": norm_diff, "max_rel_diff_clipped_grads": grad_diff}
 
 
-def run_profile(spec: TrainingBenchSpec, repeats: int = 5) -> dict[str, Any]:
+def run_profile(spec: TrainingBenchSpec, repeats: int = 7) -> dict[str, Any]:
     """Per-phase timing of the DP step on one batch of cached trunk features."""
     from client.trunk_feature_cache import compute_trunk_features
     from common.backbones import first_trainable_stage
@@ -448,7 +479,7 @@ def run_profile(spec: TrainingBenchSpec, repeats: int = 5) -> dict[str, Any]:
     boundary = first_trainable_stage(model, policy)
     images, labels = _synthetic(spec, spec.batch_size)
     features = compute_trunk_features(model, images, boundary, device)
-    return profile_dp_step(lambda: model.tail(boundary), features, labels, batch_size=spec.batch_size,
+    return profile_dp_step(lambda: copy.deepcopy(model.tail(boundary)), features, labels, batch_size=spec.batch_size,
                            max_grad_norm=spec.max_grad_norm, device=device, repeats=repeats)
 
 

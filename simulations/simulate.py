@@ -92,14 +92,18 @@ def run_federated(plan: SimulationPlan, sites: dict[int, SiteSettings] | None = 
     client_app = make_client_app(sites)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     started = time.perf_counter()
+    init_args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    if not os.environ.get("RAY_ADDRESS"):
+        # A local Ray instance sized so that ``max_parallel_sites`` clients run at once. With
+        # RAY_ADDRESS set, Ray joins that cluster instead and its size decides the parallelism.
+        init_args["num_cpus"] = int(plan.cpus_per_site * plan.max_parallel_sites)
     run_simulation(
         server_app=server_app,
         client_app=client_app,
         num_supernodes=len(sites),
         backend_config={
             "client_resources": {"num_cpus": plan.cpus_per_site, "num_gpus": 0.0},
-            "init_args": {"num_cpus": int(plan.cpus_per_site * plan.max_parallel_sites),
-                          "include_dashboard": False, "log_to_driver": True},
+            "init_args": init_args,
         },
     )
     progress.close()

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from client.hospital_daemon import HospitalSettings, prepare_site, supernode_env
 from client.site_health import probe_superlink
 from server.coordinator_service import (
     IN_MEMORY_DATABASE,
@@ -33,7 +35,9 @@ from server.federation_pki import FederationPki, init_pki
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FIXTURE_APP = Path(__file__).resolve().parent / "fixture_app"
+REAL_APP = Path(__file__).resolve().parent / "real_app"
 STOP_GRACE_S = 8.0
+_SUPERNODE_ID = re.compile(r"SuperNode ID: (\d+)")
 
 
 def free_port() -> int:
@@ -105,6 +109,10 @@ class ProcessSupervisor:
     def start(self, name: str, argv: Sequence[str], env: dict[str, str]) -> ManagedProcess:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = self.log_dir / f"{name}.log"
+        restarts = 1
+        while log.exists():  # a restarted process keeps the earlier log next to its own
+            restarts += 1
+            log = self.log_dir / f"{name}-{restarts}.log"
         with log.open("wb") as sink:
             popen = subprocess.Popen(
                 list(argv), cwd=REPO_ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
@@ -131,6 +139,19 @@ class ProcessSupervisor:
         except subprocess.TimeoutExpired:
             pass
 
+    def kill(self, managed: ManagedProcess) -> None:
+        """SIGKILL ``managed`` and every descendant at once (a crash: nothing gets to clean up)."""
+        pids = [managed.popen.pid, *descendants(managed.popen.pid)]
+        for pid in pids:
+            _signal(pid, signal.SIGKILL, group=pid == managed.popen.pid)
+        try:
+            managed.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.monotonic() + 5
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     def stop_all(self) -> None:
         for managed in reversed(self.processes):
             self.stop(managed)
@@ -156,10 +177,35 @@ class LoopbackFederation:
     coordinator: CoordinatorSettings
     supervisor: ProcessSupervisor
     hospitals: dict[str, ManagedProcess] = field(default_factory=dict)
+    coordinator_process: ManagedProcess | None = None
 
     @property
     def public_address(self) -> str:
         return f"127.0.0.1:{self.coordinator.public_port}"
+
+    def hospital_settings(
+        self,
+        name: str,
+        key: Path | None = None,
+        ca_cert: Path | None = None,
+        max_retries: int | None = None,
+        manifest: Path | None = None,
+        state_dir: Path | None = None,
+    ) -> HospitalSettings:
+        """What ``fedtl-hospital start`` gets for ``name``: by default its own key, the CA, and
+        ``ROOT/sites/NAME`` as state dir holding ``manifest.csv``."""
+        state_dir = state_dir or self.root / "sites" / name
+        return HospitalSettings(
+            superlink=self.public_address,
+            ca_cert=ca_cert or self.pki.ca_cert,
+            private_key=key or self.pki.hospital_private_key(name),
+            manifest=manifest or state_dir / "manifest.csv",
+            state_dir=state_dir,
+            site_name=name,
+            device="cpu",
+            runtime_port=free_port(),
+            max_retries=max_retries,
+        )
 
     def start_hospital(
         self,
@@ -167,36 +213,66 @@ class LoopbackFederation:
         key: Path | None = None,
         ca_cert: Path | None = None,
         max_retries: int | None = None,
+        *,
+        manifest: Path | None = None,
+        state_dir: Path | None = None,
+        extra_node_config: dict[str, str] | None = None,
     ) -> ManagedProcess:
-        """Start ``client.hospital_daemon start`` for ``name`` (by default with its own key and the CA)."""
-        state_dir = self.root / "sites" / name
+        """Start ``client.hospital_daemon start`` for ``name`` (by default with its own key and the CA).
+
+        ``extra_node_config`` adds keys to the SuperNode's node config (test apps read them, e.g.
+        ``fault``); the daemon has no such option, so the site is then prepared with the daemon's
+        own functions and its exact ``flower-supernode`` command is started directly.
+        """
+        settings = self.hospital_settings(name, key, ca_cert, max_retries, manifest, state_dir)
+        if extra_node_config:
+            command = prepare_site(settings)
+            with settings.node_config_path.open("a", encoding="utf-8") as node_config:
+                for config_key, value in extra_node_config.items():
+                    node_config.write(f"{json.dumps(config_key)} = {json.dumps(value)}\n")
+            managed = self.supervisor.start(f"hospital-{name}", command, supernode_env(settings, _child_env()))
+            self.hospitals[name] = managed
+            return managed
         argv = [
             sys.executable,
             "-m",
             "client.hospital_daemon",
             "start",
             "--superlink",
-            self.public_address,
+            settings.superlink,
             "--ca",
-            str(ca_cert or self.pki.ca_cert),
+            str(settings.ca_cert),
             "--key",
-            str(key or self.pki.hospital_private_key(name)),
+            str(settings.private_key),
             "--manifest",
-            str(state_dir / "manifest.csv"),
+            str(settings.manifest),
             "--state-dir",
-            str(state_dir),
+            str(settings.state_dir),
             "--site-name",
             name,
             "--device",
-            "cpu",
+            settings.device,
             "--runtime-port",
-            str(free_port()),
+            str(settings.runtime_port),
         ]
         if max_retries is not None:
             argv += ["--max-retries", str(max_retries)]
         managed = self.supervisor.start(f"hospital-{name}", argv, _child_env())
         self.hospitals[name] = managed
         return managed
+
+    def kill_hospital(self, name: str) -> None:
+        """SIGKILL the hospital's SuperNode and everything it started (its ClientApp processes)."""
+        self.supervisor.kill(self.hospitals[name])
+
+    def kill_coordinator(self) -> None:
+        """SIGKILL the coordinator: its service, the SuperLink, SuperExec and the running ServerApp."""
+        if self.coordinator_process is not None:
+            self.supervisor.kill(self.coordinator_process)
+
+    def restart_coordinator(self, timeout_s: float = 60) -> None:
+        """Start the coordinator again with the same PKI, state dir, ports and database."""
+        self.coordinator_process = start_coordinator(self.coordinator, self.pki, self.supervisor, timeout_s)
 
     def flwr(self, *args: str, flwr_home: Path | None = None, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
         """Run the real ``flwr`` CLI with the coordinator's FLWR_HOME (or another one)."""
@@ -225,9 +301,55 @@ class LoopbackFederation:
             time.sleep(0.5)
         raise AssertionError(f"{seen} of {count} hospitals online after {timeout_s} s; logs in {self.supervisor.log_dir}")
 
+    def node_id(self, name: str) -> int:
+        """The node id the SuperLink gave hospital ``name`` (from its SuperNode's log)."""
+        found = _SUPERNODE_ID.findall(self.hospitals[name].output())
+        if not found:
+            raise AssertionError(f"hospital {name} has not connected; see {self.hospitals[name].log}")
+        return int(found[-1])
+
+    def node_status(self, node_id: int) -> str:
+        """``online``, ``offline``, ``registered`` ... as the SuperLink reports node ``node_id``."""
+        result = self.flwr("supernode", "ls", "--format", "json")
+        try:
+            nodes = json.loads(result.stdout)["nodes"]
+        except (ValueError, KeyError):
+            return "unknown"
+        return next((str(node["status"]) for node in nodes if int(node["node-id"]) == node_id), "absent")
+
+    def wait_for_node_status(self, node_id: int, status: str, timeout_s: float, poll_s: float = 3.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        seen = "unknown"
+        while time.monotonic() < deadline:
+            seen = self.node_status(node_id)
+            if seen == status:
+                return
+            time.sleep(poll_s)
+        raise AssertionError(f"node {node_id} still {seen!r}, not {status!r}, after {timeout_s:.0f} s")
+
+    def restart_hospital_until_connected(self, name: str, start: Callable[[], object], timeout_s: float) -> None:
+        """Call ``start`` (which starts hospital ``name``) until its SuperNode is accepted, as a
+        service manager with ``Restart=on-failure`` would; a refused SuperNode exits by itself."""
+        deadline = time.monotonic() + timeout_s
+        attempts = 0
+        while time.monotonic() < deadline:
+            attempts += 1
+            start()
+            managed = self.hospitals[name]
+            while time.monotonic() < deadline and managed.popen.poll() is None:
+                if _SUPERNODE_ID.search(managed.output()):
+                    return
+                time.sleep(0.2)
+            time.sleep(1.0)
+        raise AssertionError(f"hospital {name} not accepted after {attempts} start(s); see {self.supervisor.log_dir}")
+
     def submit_fixture_run(self) -> int:
         """Submit the fixture app from the coordinator machine (the loopback profile)."""
         return submit_run(self.coordinator, FIXTURE_APP)
+
+    def submit_run(self, app_dir: Path, run_config: dict[str, str | bool | int | float]) -> int:
+        """Submit ``app_dir`` from the coordinator machine with ``--run-config`` overrides (TOML values)."""
+        return submit_run(self.coordinator, app_dir, [f"{key}={_toml_value(value)}" for key, value in run_config.items()])
 
     def run_status(self, run_id: int) -> str:
         result = self.flwr("ls", "--run-id", str(run_id), "--format", "json")
@@ -236,15 +358,23 @@ class LoopbackFederation:
         except (ValueError, KeyError, IndexError):
             return f"unknown ({result.stdout.strip()[-300:]} {result.stderr.strip()[-300:]})"
 
-    def wait_for_run(self, run_id: int, timeout_s: float = 60) -> str:
+    def wait_for_run(self, run_id: int, timeout_s: float = 60, poll_s: float = 1.0) -> str:
         deadline = time.monotonic() + timeout_s
         status = "unknown"
         while time.monotonic() < deadline:
             status = self.run_status(run_id)
             if status.startswith("finished"):
                 return status
-            time.sleep(1.0)
+            time.sleep(poll_s)
         return status
+
+
+def _toml_value(value: str | bool | int | float) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string literal is a valid TOML basic string
+    return repr(value)
 
 
 def _child_env() -> dict[str, str]:
@@ -256,19 +386,10 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def start_loopback_federation(
-    root: Path, supervisor: ProcessSupervisor, hospitals: Sequence[str] = ("h1", "h2", "h3")
-) -> LoopbackFederation:
-    """PKI for ``hospitals``, then the coordinator; returns once the gate answers over TLS."""
-    pki = init_pki(root / "pki", hosts=["localhost"], ips=["127.0.0.1"], hospitals=hospitals)
-    settings = CoordinatorSettings(
-        pki_dir=pki.root,
-        state_dir=root / "coordinator",
-        public_host="127.0.0.1",
-        public_port=free_port(),
-        link_port=free_port(),
-        database=IN_MEMORY_DATABASE,
-    )
+def start_coordinator(
+    settings: CoordinatorSettings, pki: FederationPki, supervisor: ProcessSupervisor, timeout_s: float = 60
+) -> ManagedProcess:
+    """``server.coordinator_service start`` with ``settings``; returns once the gate answers over TLS."""
     argv = [
         sys.executable,
         "-m",
@@ -284,18 +405,43 @@ def start_loopback_federation(
         str(settings.public_port),
         "--link-port",
         str(settings.link_port),
-        "--database",
-        IN_MEMORY_DATABASE,
     ]
+    if settings.database is not None:
+        argv += ["--database", settings.database]
     coordinator = supervisor.start("coordinator", argv, _child_env())
-    federation = LoopbackFederation(root, pki, settings, supervisor)
-    deadline = time.monotonic() + 60
+    address = f"127.0.0.1:{settings.public_port}"
+    deadline = time.monotonic() + timeout_s
     error: str | None = "not started"
     while time.monotonic() < deadline:
         if coordinator.popen.poll() is not None:
             raise AssertionError(f"coordinator exited with {coordinator.popen.returncode}:\n{coordinator.output()[-3000:]}")
-        error = probe_superlink(federation.public_address, pki.ca_cert, timeout_s=1.0)
+        error = probe_superlink(address, pki.ca_cert, timeout_s=1.0)
         if error is None:
-            return federation
+            return coordinator
         time.sleep(0.3)
-    raise AssertionError(f"coordinator gate not healthy after 60 s ({error}):\n{coordinator.output()[-3000:]}")
+    raise AssertionError(f"coordinator gate not healthy after {timeout_s:.0f} s ({error}):\n{coordinator.output()[-3000:]}")
+
+
+def start_loopback_federation(
+    root: Path,
+    supervisor: ProcessSupervisor,
+    hospitals: Sequence[str] = ("h1", "h2", "h3"),
+    database: str | None = IN_MEMORY_DATABASE,
+) -> LoopbackFederation:
+    """PKI for ``hospitals``, then the coordinator; returns once the gate answers over TLS.
+
+    ``database`` is the SuperLink state: in memory by default; ``None`` keeps it in
+    ``ROOT/coordinator/superlink.db`` (the production default, which survives a restart).
+    """
+    pki = init_pki(root / "pki", hosts=["localhost"], ips=["127.0.0.1"], hospitals=hospitals)
+    settings = CoordinatorSettings(
+        pki_dir=pki.root,
+        state_dir=root / "coordinator",
+        public_host="127.0.0.1",
+        public_port=free_port(),
+        link_port=free_port(),
+        database=database,
+    )
+    federation = LoopbackFederation(root, pki, settings, supervisor)
+    federation.coordinator_process = start_coordinator(settings, pki, supervisor)
+    return federation
