@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(VENV)/bin/fedtl simulate --config simulations/configs/demo.toml --out runs/demo
 
 bench: $(STAMP)
-	@echo "make bench: the benchmark is not built yet (see issue 7)."; exit 1
+	$(PY) -m simulations.benchmark --out runs/bench.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

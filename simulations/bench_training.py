@@ -23,7 +23,10 @@ Modes (same model, same synthetic data, same noise multiplier and clipping bound
 * ``profile_dp_step``: per-phase milliseconds of one non-private, one stock ghost and one
   fast-first-pass ghost step (:mod:`simulations.bench_dp_profile`).
 
-Images and labels are random (seeded): only speed and memory are measured.
+Images and labels are random (seeded): only speed and memory are measured. Each timed phase
+records wall-clock seconds (``images_per_s``) and the process's CPU seconds
+(``images_per_cpu_s``): on a machine shared with other work, the CPU-time figure of a
+single-threaded run (``--threads 1``) is the one that does not depend on the others' load.
 """
 
 from __future__ import annotations
@@ -89,6 +92,8 @@ class TrainingBenchSpec:
         device: ``"cpu"`` or ``"cuda"``.
         threads: torch CPU threads.
         seed: seed of the synthetic data and of the weights.
+        extra: settings recorded with the spec that the workers do not read (planned rounds and
+            local epochs, used by the orchestrator for the noise plan and the amortisation).
     """
 
     architecture: str = "resnet18"
@@ -254,13 +259,14 @@ def run_plain(spec: TrainingBenchSpec, private: bool) -> dict[str, Any]:
     result: dict[str, Any] = {}
     samples = 0
     steps = 0
-    start = 0.0
+    start = cpu_start = 0.0
     with meter.phase(result, "train"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus' hook warnings, once per step
         for index, (x, y) in enumerate(loader):
             if index == spec.plain_warmup_steps:
                 _sync(device)
                 start = time.perf_counter()
+                cpu_start = time.process_time()
             if len(y) == 0:  # Poisson sampling drew nothing: nothing to time
                 continue
             optimizer.zero_grad(set_to_none=True)
@@ -272,8 +278,10 @@ def run_plain(spec: TrainingBenchSpec, private: bool) -> dict[str, Any]:
                 steps += 1
         _sync(device)
     seconds = time.perf_counter() - start
-    result.update(samples=samples, steps=steps, seconds=round(seconds, 4),
-                  images_per_s=samples / seconds if seconds > 0 else float("nan"))
+    cpu_seconds = time.process_time() - cpu_start
+    result.update(samples=samples, steps=steps, seconds=round(seconds, 4), cpu_seconds=round(cpu_seconds, 4),
+                  images_per_s=samples / seconds if seconds > 0 else float("nan"),
+                  images_per_cpu_s=samples / cpu_seconds if cpu_seconds > 0 else float("nan"))
     return result
 
 
@@ -375,11 +383,13 @@ def run_fedtl(spec: TrainingBenchSpec, private: bool, fast_first_pass: bool = Fa
 
     with meter.phase(result, "trunk"):
         _sync(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         features = compute_trunk_features(model, images, boundary, device)
         _sync(device)
         trunk_s = time.perf_counter() - start
+        trunk_cpu_s = time.process_time() - cpu_start
     result.update(trunk_seconds=round(trunk_s, 4), trunk_images_per_s=len(images) / trunk_s,
+                  trunk_cpu_seconds=round(trunk_cpu_s, 4),
                   trunk_feature_shape=list(features.shape[1:]),
                   trunk_feature_mib=round(features.numel() * features.element_size() / 2**20, 2))
     del images
@@ -397,14 +407,17 @@ def run_fedtl(spec: TrainingBenchSpec, private: bool, fast_first_pass: bool = Fa
             _train_tail_call(spec, model, groups, boundary, features[:warm], labels[:warm], private=private,
                              epochs=1, ledger_dir=Path(tmp), counter=[0], track_inputs=fast_first_pass)
             _sync(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             outcome, ledger = _train_tail_call(spec, model, groups, boundary, features, labels, private=private,
                                                epochs=spec.timed_epochs, ledger_dir=Path(tmp), counter=counter,
                                                track_inputs=fast_first_pass)
             _sync(device)
             seconds = time.perf_counter() - start
+            cpu_seconds = time.process_time() - cpu_start
     result.update(
         samples=counter[0],
+        cpu_seconds=round(cpu_seconds, 4),
+        images_per_cpu_s=counter[0] / cpu_seconds if cpu_seconds > 0 else float("nan"),
         steps=outcome.steps,
         epochs=spec.timed_epochs,
         seconds=round(seconds, 4),
