@@ -185,8 +185,12 @@ def _exchange(grid: Grid, contents: dict[int, RecordDict], message_type: str, se
         traffic.add_sent(node, content)
         messages.append(grid.create_message(content, message_type, node, str(server_round)))
     replies: dict[int, Message] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        node = reply.metadata.src_node_id
+    received = list(grid.send_and_receive(messages, timeout=timeout))
+    # File each reply under the site it was sent to: an error the SuperLink makes itself (node
+    # offline, reply expired) carries the SuperLink's own node id as its sender.
+    destination = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    for reply in received:
+        node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         if reply.has_content():
             traffic.add_received(node, reply.content)
         replies[node] = reply

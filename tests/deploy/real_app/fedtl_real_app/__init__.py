@@ -1,0 +1,1 @@
+"""The real fedtl apps as a bundle for ``flwr run`` in the deployment fault tests."""
