@@ -388,7 +388,11 @@ def coordinator_restart(
         scenario = start_scenario(
             root, supervisor, hospital_manifests, cache_dir, faults={MALFORMED: "nan,shape"}, database=None
         )
-        config = write_config(root / "federation.toml", federation_config(rounds=2, privacy=False))
+        # A generous timeout: after the restart the hospitals reconnect and start fresh ClientApp
+        # processes for the new run, which takes tens of seconds on a loaded 2-core machine.
+        config = write_config(
+            root / "federation.toml", federation_config(rounds=2, privacy=False, round_timeout_s=150)
+        )
         timings = {"federation_up_s": time.monotonic() - started}
 
         first_run = scenario.submit(config)
