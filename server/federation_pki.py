@@ -35,6 +35,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from common.atomic_io import atomic_write_bytes
+
 logger = logging.getLogger(__name__)
 
 CA_VALIDITY_DAYS = 3650
@@ -323,17 +325,7 @@ def _create_file(path: Path, data: bytes, private: bool) -> None:
 
 
 def _replace_public_file(path: Path, data: bytes) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data, mode=0o644)
 
 
 def build_parser() -> argparse.ArgumentParser:
