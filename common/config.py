@@ -187,7 +187,10 @@ def explain_validation_error(exc: ValidationError, source: str) -> str:
         loc = [str(p) for p in err["loc"]]
         key = ".".join(loc) if loc else "(top level)"
         section = f"[{'.'.join(loc[:-1])}] " if len(loc) > 1 else ""
-        where = f"{section}{loc[-1]}" if loc else key
+        if len(loc) == 1 and loc[0] in FederationConfig.model_fields and loc[0] not in ("name", "seed"):
+            where = f"[{loc[0]}]"  # a check across a whole section
+        else:
+            where = f"{section}{loc[-1]}" if loc else key
         if err["type"] == "extra_forbidden":
             lines.append(f"  - {where}: unknown setting; remove it or check its spelling")
             continue
