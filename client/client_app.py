@@ -11,7 +11,6 @@ import hashlib
 import logging
 from collections import OrderedDict
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
