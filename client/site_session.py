@@ -92,7 +92,7 @@ class SiteSession:
         data = load_site_dataset(
             settings.manifest,
             preprocessing=preprocessing,
-            cache_dir=state.decoded_dir,
+            cache_dir=settings.decoded_cache_dir or state.decoded_dir,
             class_names=config.model.class_names,
             clinical_features=config.model.clinical_features,
             frame_policy=config.data.frame_policy,

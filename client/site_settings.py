@@ -29,6 +29,7 @@ class SiteSettings:
     manifest: Path
     state_dir: Path
     device: str = "auto"
+    decoded_cache_dir: Path | None = None  # default: <state_dir>/decoded; safe to share (keyed by file content)
 
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)

@@ -70,6 +70,8 @@ def synthetic_sites(plan: SimulationPlan) -> dict[int, SiteSettings]:
             manifest=Path(manifest),
             state_dir=plan.run_dir / "sites" / f"hospital-{index}",
             device=plan.config.training.device,
+            # one decoded-image cache per synthetic site, shared by every run and baseline on it
+            decoded_cache_dir=data_dir / f"decoded-{index}",
         )
         for index, manifest in enumerate(manifests)
     }

@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 import torch
 import torchvision
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from common.config import Architecture
 from common.backbones import FedModel, LocalHead, build_backbone, first_trainable_stage, from_torchvision_state
 from common.config import ModelConfig
 from common.layer_policy import LayerPolicy, default_policy
 from common.model_weights import WeightsError
 
-ARCHITECTURES = [
-    "resnet18",
-    "resnet50",
-    "densenet121",
-    "efficientnet_b0",
-    "mobilenet_v3_large",
-    "convnext_tiny",
-    "vit_b_16",
-]
+ARCHITECTURES = list(get_args(Architecture))  # every architecture the configuration accepts
 SIZE = 32
 
 

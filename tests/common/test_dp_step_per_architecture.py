@@ -7,6 +7,8 @@ the hooks), one clipped step moves every shared tensor, and frozen tensors stay 
 
 from __future__ import annotations
 
+from typing import get_args
+
 import warnings
 
 import pytest
@@ -21,20 +23,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.ops import StochasticDepth
 
+from common.config import Architecture
 from common.backbones import FedModel, first_trainable_stage, from_torchvision_state
 from common.config import ModelConfig
 from common.layer_policy import ParameterGroups, apply_policy, default_policy
 from common.opacus_compat import BatchFirstDPMultiheadAttention, LayerScale
 
-ARCHITECTURES = [
-    "resnet18",
-    "resnet50",
-    "densenet121",
-    "efficientnet_b0",
-    "mobilenet_v3_large",
-    "convnext_tiny",
-    "vit_b_16",
-]
+ARCHITECTURES = list(get_args(Architecture))  # every architecture the configuration accepts
 BATCH = 3
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 import torch
 from torch import nn
 
+from common.config import Architecture
 from common.backbones import FedModel, build_backbone
 from common.config import LayerPolicyConfig, ModelConfig
 from common.layer_policy import (
@@ -17,15 +20,7 @@ from common.layer_policy import (
     resolve_policy,
 )
 
-ARCHITECTURES = [
-    "resnet18",
-    "resnet50",
-    "densenet121",
-    "efficientnet_b0",
-    "mobilenet_v3_large",
-    "convnext_tiny",
-    "vit_b_16",
-]
+ARCHITECTURES = list(get_args(Architecture))  # every architecture the configuration accepts
 
 
 def build(architecture: str = "resnet18", **overrides) -> FedModel:
