@@ -1,5 +1,9 @@
 """The hospital's Flower ClientApp: install backbone, train, evaluate.
 
+Train and evaluate messages bring the global shared layers as a ``common.global_sync`` downlink
+(nothing, a delta from the copy the site holds, or full weights); the site rebuilds them, checks
+their id, keeps them in its state directory and answers ``need-global`` when it cannot.
+
 Each handler builds its reply only from ``common.wire_contract`` names: the trained shared
 layers, aggregate metrics and a status. Images, DICOM metadata, patient ids and the local
 head never enter a reply.
@@ -11,6 +15,8 @@ import hashlib
 import logging
 from collections import OrderedDict
 
+import torch
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -19,7 +25,8 @@ from client.site_settings import SiteDirectory, SiteSettings, settings_from_node
 from client.site_state import SiteState
 from common import wire_contract as wc
 from common.config import FederationConfig
-from common.update_encoding import encode_update
+from common.global_sync import Downlink, GlobalOutOfSync, apply_downlink
+from common.update_encoding import EncodedUpdate, encode_update
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +55,14 @@ def make_client_app(directory: SiteDirectory | None = None) -> ClientApp:
         settings = settings_from_node_config(context.node_config, directory)
         config_record = msg.content[wc.CONFIG]
         server_round = int(config_record[wc.CONFIG_ROUND])
+        received = _receive_global(msg, settings)
+        if isinstance(received, Message):
+            return received
+        version_id, reference = received
         try:
             session = _session(settings, config_record)
         except BackboneMissing:
-            return _reply(msg, settings, wc.STATUS_NEED_BACKBONE)
-        reference = {k: v.float() for k, v in msg.content[wc.SHARED].to_torch_state_dict().items()}
+            return _reply(msg, settings, wc.STATUS_NEED_BACKBONE, global_id=version_id)
         session.load_shared(reference)
         ledger = None
         metrics_privacy = {"epsilon": 0.0, "delta": 0.0}
@@ -62,7 +72,7 @@ def make_client_app(directory: SiteDirectory | None = None) -> ClientApp:
             if not ledger.can_spend(steps):
                 logger.info("[%s] round %d declined: projected epsilon %.2f would exceed the budget %.2f",
                             settings.site_name, server_round, ledger.projected_epsilon(steps), ledger.target_epsilon)
-                return _reply(msg, settings, wc.STATUS_DECLINED_BUDGET,
+                return _reply(msg, settings, wc.STATUS_DECLINED_BUDGET, global_id=version_id,
                               metrics={wc.NUM_EXAMPLES: session.num_train, "train-loss": 0.0,
                                        "epsilon": ledger.spent_epsilon(), "delta": ledger.delta})
         outcome = session.train_round(server_round, float(config_record[wc.CONFIG_PROXIMAL_MU]), ledger)
@@ -77,7 +87,7 @@ def make_client_app(directory: SiteDirectory | None = None) -> ClientApp:
             records[wc.SHARED_SCALE] = ArrayRecord(torch_state_dict=encoded.scales)
         logger.info("[%s] round %d trained: loss %.4f, epsilon %.3f", settings.site_name, server_round,
                     outcome.mean_loss, metrics_privacy["epsilon"])
-        return _reply(msg, settings, wc.STATUS_OK, arrays=records,
+        return _reply(msg, settings, wc.STATUS_OK, arrays=records, global_id=version_id,
                       metrics={wc.NUM_EXAMPLES: outcome.num_examples, "train-loss": outcome.mean_loss,
                                **metrics_privacy})
 
@@ -85,19 +95,49 @@ def make_client_app(directory: SiteDirectory | None = None) -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         settings = settings_from_node_config(context.node_config, directory)
         config_record = msg.content[wc.CONFIG]
+        received = _receive_global(msg, settings)
+        if isinstance(received, Message):
+            return received
+        version_id, weights = received
         try:
             session = _session(settings, config_record)
         except BackboneMissing:
-            return _reply(msg, settings, wc.STATUS_NEED_BACKBONE)
-        session.load_shared(msg.content[wc.SHARED].to_torch_state_dict())
+            return _reply(msg, settings, wc.STATUS_NEED_BACKBONE, global_id=version_id)
+        session.load_shared(weights)
         metrics = session.evaluate()
         privacy = {"epsilon": 0.0, "delta": 0.0}
         if session.config.privacy.enabled and session.state.ledger_path.exists():
             ledger = session.privacy_ledger()
             privacy = {"epsilon": ledger.spent_epsilon(), "delta": ledger.delta}
-        return _reply(msg, settings, wc.STATUS_OK, metrics={**metrics, **privacy})
+        return _reply(msg, settings, wc.STATUS_OK, global_id=version_id, metrics={**metrics, **privacy})
 
     return app
+
+
+def _receive_global(msg: Message, settings: SiteSettings) -> tuple[str, dict[str, torch.Tensor]] | Message:
+    """Rebuild the global shared layers the message announces; a ``need-global`` reply if the site cannot."""
+    config_record = msg.content[wc.CONFIG]
+    if wc.CONFIG_GLOBAL_ID not in config_record:
+        raise ValueError(
+            f"the coordinator's message has no '{wc.CONFIG_GLOBAL_ID}' in its config record; the coordinator "
+            "runs an older fedtl than this site: upgrade the coordinator"
+        )
+    update = None
+    if wc.SHARED in msg.content:
+        scales = msg.content[wc.SHARED_SCALE].to_torch_state_dict() if wc.SHARED_SCALE in msg.content else {}
+        update = EncodedUpdate(tensors=msg.content[wc.SHARED].to_torch_state_dict(), scales=scales)
+    downlink = Downlink(target_id=str(config_record[wc.CONFIG_GLOBAL_ID]),
+                        base_id=str(config_record.get(wc.CONFIG_GLOBAL_BASE, "")), update=update)
+    state = SiteState(settings.state_dir)
+    held = state.load_global_layers()
+    try:
+        weights = apply_downlink(held, downlink)
+    except GlobalOutOfSync as error:
+        logger.warning("[%s] %s", settings.site_name, error)
+        return _reply(msg, settings, wc.STATUS_NEED_GLOBAL, global_id=held[0] if held is not None else "")
+    if held is None or held[0] != downlink.target_id:
+        state.store_global_layers(downlink.target_id, weights)
+    return downlink.target_id, weights
 
 
 def _session(settings: SiteSettings, config_record: ConfigRecord) -> SiteSession:
@@ -120,12 +160,15 @@ def _reply(
     status: str,
     *,
     fingerprint: str | None = None,
+    global_id: str | None = None,
     arrays: dict[str, ArrayRecord] | None = None,
     metrics: dict[str, float | int] | None = None,
 ) -> Message:
     status_record = ConfigRecord({wc.STATUS_KEY: status, wc.STATUS_SITE_NAME: settings.site_name})
     if fingerprint is not None:
         status_record[wc.STATUS_FINGERPRINT] = fingerprint
+    if global_id is not None:
+        status_record[wc.STATUS_GLOBAL_ID] = global_id
     content = RecordDict({wc.STATUS: status_record})
     for name, record in (arrays or {}).items():
         content[name] = record

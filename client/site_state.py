@@ -7,6 +7,7 @@ Layout of ``<root>/``::
 
     ledger.json                 privacy budget (client.privacy_budget.PrivacyLedger); NEVER delete
     local_head.pt               the site's private layers (state dict + backbone fingerprint)
+    global_layers.pt            the coordinator's global shared layers as last received (version id + tensors)
     rounds.json                 round bookkeeping: last round trained, status/epsilon per round
     backbones/<fingerprint>.pt  backbone cache, one file per fingerprint (tensors + metadata)
     features/<fingerprint>/     trunk-feature cache (owned by the training code), per backbone
@@ -20,6 +21,7 @@ editing) is handled by how much it matters:
   coordinator for the backbone again (``need-backbone``).
 * local head: a warning, and the head is re-initialised (the site loses its personalisation,
   not its privacy).
+* global layers: a warning; the site answers ``need-global`` and gets the full weights again.
 * ledger: :class:`client.privacy_budget.LedgerCorruptError`; the site refuses to train until an
   admin restores the file. A missing ledger while ``rounds.json`` shows privacy already spent
   is refused the same way.
@@ -108,6 +110,11 @@ class SiteState:
     def local_head_path(self) -> Path:
         """``local_head.pt``: the site's private layers."""
         return self.root / "local_head.pt"
+
+    @property
+    def global_layers_path(self) -> Path:
+        """``global_layers.pt``: the coordinator's global shared layers the site holds."""
+        return self.root / "global_layers.pt"
 
     @property
     def rounds_path(self) -> Path:
@@ -307,6 +314,29 @@ class SiteState:
                 f"{fingerprint}. {advice}"
             )
         return tensors, meta
+
+    # ------------------------------------------------------------------ global layers
+    def store_global_layers(self, version_id: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Keep the coordinator's global shared layers of version ``version_id`` (atomic write)."""
+        payload = {
+            "format_version": STATE_FORMAT_VERSION,
+            "version_id": str(version_id),
+            "tensors": {name: tensor.detach().to("cpu") for name, tensor in tensors.items()},
+        }
+        atomic_torch_save(self.global_layers_path, payload)
+
+    def load_global_layers(self) -> tuple[str, dict[str, torch.Tensor]] | None:
+        """``(version_id, tensors)`` of the global layers held, or ``None`` (none yet, or damaged)."""
+        path = self.global_layers_path
+        if not path.exists():
+            return None
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            return str(payload["version_id"]), dict(payload["tensors"])
+        except Exception as error:  # torch.load raises many types for a damaged zip/pickle
+            logger.warning("global layers file %s is unreadable (%s); the site will ask the coordinator "
+                           "for the full global layers", path, type(error).__name__)
+            return None
 
     # ------------------------------------------------------------------ round bookkeeping
     def record_round(

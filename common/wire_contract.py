@@ -4,8 +4,11 @@ This module is the written contract. The client builds replies from these names,
 validates replies against them, and the privacy tests fail on anything else.
 
 Coordinator -> site
-  train      : ArrayRecord SHARED (the global shared layers), ConfigRecord CONFIG
-  evaluate   : ArrayRecord SHARED, ConfigRecord CONFIG
+  train      : ConfigRecord CONFIG, and when the site does not yet hold the round's global shared
+               layers (CONFIG_GLOBAL_ID): ArrayRecord SHARED (full float32 weights when
+               CONFIG_GLOBAL_BASE is "", else an fp16/int8 delta from the copy the site holds) and,
+               for int8, ArrayRecord SHARED_SCALE (see ``common.global_sync``)
+  evaluate   : the same as train
   query      : (backbone install) ArrayRecord BACKBONE (frozen + initial shared tensors), ConfigRecord CONFIG
 
 Site -> coordinator
@@ -13,6 +16,8 @@ Site -> coordinator
                (int8 encoding only), MetricRecord METRICS (TRAIN_METRIC_KEYS), ConfigRecord STATUS
   evaluate   : MetricRecord METRICS (EVALUATE_METRIC_KEYS), ConfigRecord STATUS
   query      : ConfigRecord STATUS
+  every reply's STATUS may carry STATUS_GLOBAL_ID: the id of the coordinator's global layers the
+  site holds (a SHA-256 of tensors the coordinator itself sent; nothing about the site's data)
 
 Never: local-head tensors, images or anything computed per image, DICOM header values,
 patient ids, file names.
@@ -41,6 +46,8 @@ CONFIG_ROUND: Final = "server-round"
 CONFIG_FINGERPRINT: Final = "backbone-fingerprint"
 CONFIG_ENCODING: Final = "update-encoding"
 CONFIG_PROXIMAL_MU: Final = "proximal-mu"
+CONFIG_GLOBAL_ID: Final = "global-id"  # id of the global shared layers the site must train/evaluate
+CONFIG_GLOBAL_BASE: Final = "global-base-id"  # id the SHARED delta applies to; "" = full weights
 
 # STATUS record
 STATUS_KEY: Final = "status"
@@ -49,8 +56,12 @@ STATUS_SITE_NAME: Final = "site-name"  # the name the hospital admin gave the no
 STATUS_OK: Final = "ok"
 STATUS_DECLINED_BUDGET: Final = "declined-budget"
 STATUS_NEED_BACKBONE: Final = "need-backbone"
+STATUS_NEED_GLOBAL: Final = "need-global"  # the site's copy does not match the delta's base: send full weights
 STATUS_FAILED: Final = "failed"
-STATUS_VALUES: Final = frozenset({STATUS_OK, STATUS_DECLINED_BUDGET, STATUS_NEED_BACKBONE, STATUS_FAILED})
+STATUS_VALUES: Final = frozenset(
+    {STATUS_OK, STATUS_DECLINED_BUDGET, STATUS_NEED_BACKBONE, STATUS_NEED_GLOBAL, STATUS_FAILED}
+)
+STATUS_GLOBAL_ID: Final = "global-id"  # the global layers the site holds after this message
 
 # METRICS keys
 NUM_EXAMPLES: Final = "num-examples"

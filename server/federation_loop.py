@@ -4,7 +4,9 @@ Unlike the stock strategies, one bad reply never ends the run: every reply is va
 (``server.reply_validation``) and a bad one is dropped with a logged reason. A round never
 waits forever: it proceeds with the sites that answered within ``round_timeout_s`` provided
 ``min_sites`` did; sites that declined for budget are not failures. Each site receives the
-backbone once per fingerprint (on its first "need-backbone" answer), not every round.
+backbone once per fingerprint (on its first "need-backbone" answer), not every round, and the
+global shared layers as a delta from the copy it holds (``server.global_broadcast``): one encoded
+delta per round, not the full layers in both the train and the evaluate message.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from common.update_encoding import EncodedUpdate, UpdateEncodingError, decode_up
 from server.aggregation import make_aggregator
 from server.backbone_source import PreparedBackbone
 from server.checkpoints import latest_checkpoint, save_checkpoint
+from server.global_broadcast import GlobalBroadcast, downlink_records
 from server.reply_validation import (
     Declined,
     ValidEvaluation,
@@ -75,6 +78,8 @@ def run_federation(grid: Grid, config: FederationConfig, backbone: PreparedBackb
             aggregator.load_state_dict(checkpoint.aggregator_state)
             first_round = checkpoint.round + 1
             logger.info("resuming after round %d from %s", checkpoint.round, checkpoint.path.name)
+    broadcast = GlobalBroadcast(global_shared, config.training.update_encoding)
+    global_shared = broadcast.weights
     recorder = RunRecorder(run_dir, config=json.loads(config.to_json()), backbone=backbone.describe(),
                            resume_after_round=first_round - 1 if resume else None)
     names = SiteNames()
@@ -84,7 +89,7 @@ def run_federation(grid: Grid, config: FederationConfig, backbone: PreparedBackb
         nodes = _wait_for_nodes(grid, config)
         sampled = _sample(nodes, config, server_round)
         logger.info("[round %d] training on %d of %d site(s)", server_round, len(sampled), len(nodes))
-        train_replies = _train(grid, config, backbone, global_shared, sampled, server_round, traffic)
+        train_replies = _train(grid, config, backbone, broadcast, sampled, server_round, traffic)
 
         updates: dict[int, tuple[dict[str, torch.Tensor], int]] = {}
         for node in sampled:
@@ -120,13 +125,13 @@ def run_federation(grid: Grid, config: FederationConfig, backbone: PreparedBackb
                 updates.pop(int(node_key))
                 _drop(recorder, server_round, names.of(int(node_key)), reason)
         if len(updates) >= config.strategy.min_sites:
-            global_shared = aggregator.aggregate(global_shared, list(updates.values()))
+            global_shared = broadcast.publish(aggregator.aggregate(global_shared, list(updates.values())))
         else:
             logger.warning("[round %d] only %d usable update(s), %d needed: global layers unchanged",
                            server_round, len(updates), config.strategy.min_sites)
         save_checkpoint(run_dir, server_round, global_shared, aggregator.state_dict(), backbone.fingerprint, config)
 
-        evaluations = _evaluate(grid, config, backbone, global_shared, nodes, server_round, traffic)
+        evaluations = _evaluate(grid, config, backbone, broadcast, nodes, server_round, traffic)
         for node, (message, outcome) in evaluations.items():
             site = names.learn(node, message)
             if isinstance(outcome, ValidEvaluation):
@@ -197,15 +202,33 @@ def _exchange(grid: Grid, contents: dict[int, RecordDict], message_type: str, se
     return replies
 
 
-def _train(grid: Grid, config: FederationConfig, backbone: PreparedBackbone, global_shared: dict[str, torch.Tensor],
+def _downlink_content(broadcast: GlobalBroadcast, node: int, config_record: ConfigRecord) -> RecordDict:
+    """A message's content: the node's downlink of the global layers plus the round's CONFIG."""
+    records, entries = downlink_records(broadcast.downlink_for(node))
+    config_copy = ConfigRecord(dict(config_record))
+    for key, value in entries.items():
+        config_copy[key] = value
+    return RecordDict({**records, wc.CONFIG: config_copy})
+
+
+def _send_global(grid: Grid, broadcast: GlobalBroadcast, nodes: list[int], message_type: str,
+                 config_record: ConfigRecord, server_round: int, timeout: float,
+                 traffic: RoundTraffic) -> dict[int, Message]:
+    """Send ``message_type`` with each node's downlink; learn from the replies what each node holds."""
+    contents = {n: _downlink_content(broadcast, n, config_record) for n in nodes}
+    replies = _exchange(grid, contents, message_type, server_round, timeout, traffic)
+    for node, reply in replies.items():
+        broadcast.note_reply(node, reply)
+    return replies
+
+
+def _train(grid: Grid, config: FederationConfig, backbone: PreparedBackbone, broadcast: GlobalBroadcast,
            nodes: list[int], server_round: int, traffic: RoundTraffic) -> dict[int, Message]:
     timeout = config.strategy.round_timeout_s
-    train_content = lambda: RecordDict({  # noqa: E731 - a fresh record per message
-        wc.SHARED: ArrayRecord(torch_state_dict=global_shared),
-        wc.CONFIG: _config_record(config, backbone, server_round),
-    })
-    replies = _exchange(grid, {n: train_content() for n in nodes}, wc.TRAIN, server_round, timeout, traffic)
+    config_record = _config_record(config, backbone, server_round)
+    replies = _send_global(grid, broadcast, nodes, wc.TRAIN, config_record, server_round, timeout, traffic)
     missing = [n for n, r in replies.items() if _status(r) == wc.STATUS_NEED_BACKBONE]
+    retry = [n for n, r in replies.items() if _status(r) == wc.STATUS_NEED_GLOBAL]
     if missing:
         logger.info("[round %d] sending the backbone to %d site(s)", server_round, len(missing))
         install = {n: RecordDict({
@@ -218,16 +241,25 @@ def _train(grid: Grid, config: FederationConfig, backbone: PreparedBackbone, glo
             }),
         }) for n in missing}
         installed = _exchange(grid, install, wc.INSTALL_BACKBONE, server_round, timeout, traffic)
-        ready = [n for n, r in installed.items() if _status(r) == wc.STATUS_OK]
-        replies.update(_exchange(grid, {n: train_content() for n in ready}, wc.TRAIN, server_round, timeout, traffic))
+        retry += [n for n, r in installed.items() if _status(r) == wc.STATUS_OK]
+    if retry:
+        logger.info("[round %d] sending train again to %d site(s) after backbone/global-layer sync",
+                    server_round, len(retry))
+        replies.update(_send_global(grid, broadcast, sorted(retry), wc.TRAIN, config_record, server_round,
+                                    timeout, traffic))
     return replies
 
 
-def _evaluate(grid: Grid, config: FederationConfig, backbone: PreparedBackbone, global_shared: dict[str, torch.Tensor],
+def _evaluate(grid: Grid, config: FederationConfig, backbone: PreparedBackbone, broadcast: GlobalBroadcast,
               nodes: list[int], server_round: int, traffic: RoundTraffic) -> dict[int, tuple[Message, object]]:
-    contents = {n: RecordDict({wc.SHARED: ArrayRecord(torch_state_dict=global_shared),
-                               wc.CONFIG: _config_record(config, backbone, server_round)}) for n in nodes}
-    replies = _exchange(grid, contents, wc.EVALUATE, server_round, config.strategy.round_timeout_s, traffic)
+    timeout = config.strategy.round_timeout_s
+    config_record = _config_record(config, backbone, server_round)
+    replies = _send_global(grid, broadcast, nodes, wc.EVALUATE, config_record, server_round, timeout, traffic)
+    retry = sorted(n for n, r in replies.items() if _status(r) == wc.STATUS_NEED_GLOBAL)
+    if retry:
+        logger.info("[round %d] %d site(s) asked for the full global layers", server_round, len(retry))
+        replies.update(_send_global(grid, broadcast, retry, wc.EVALUATE, config_record, server_round,
+                                    timeout, traffic))
     return {node: (reply, validate_evaluate_message(reply, backbone.fingerprint)) for node, reply in replies.items()}
 
 

@@ -9,7 +9,8 @@ Three outcomes per reply:
 * ``ValidReply`` / ``ValidEvaluation`` -- the reply follows ``common.wire_contract`` and can
   be aggregated / recorded.
 * ``Declined`` -- the site answered properly but did not train: its privacy budget is spent
-  (``declined-budget``) or it has no backbone yet (``need-backbone``). Not a failure.
+  (``declined-budget``), it has no backbone yet (``need-backbone``) or its copy of the global
+  layers does not match the delta it was sent (``need-global``). Not a failure.
 * ``Rejection`` -- anything else: a contract violation, a NaN, a site-reported failure, a
   Flower error message. ``reason`` names the record/field and what is wrong.
 
@@ -40,7 +41,7 @@ Encoding = Literal["fp32", "fp16", "int8"]
 
 # Keys a STATUS ConfigRecord may carry (the contract names no others).
 STATUS_RECORD_KEYS: frozenset[str] = frozenset(
-    {wc.STATUS_KEY, wc.STATUS_FINGERPRINT, wc.STATUS_SITE_NAME}
+    {wc.STATUS_KEY, wc.STATUS_FINGERPRINT, wc.STATUS_SITE_NAME, wc.STATUS_GLOBAL_ID}
 )
 _MAX_SITE_NAME = 64
 # Evaluation rates that may be NaN when undefined (e.g. a test split with one class only).
@@ -366,6 +367,13 @@ def _read_status(content: RecordDict, expected_fingerprint: str | None) -> _Stat
     fingerprint = record.get(wc.STATUS_FINGERPRINT)
     if fingerprint is not None and not isinstance(fingerprint, str):
         raise _Invalid(f"{wc.STATUS}.{wc.STATUS_FINGERPRINT}", "backbone fingerprint must be a string")
+    held = record.get(wc.STATUS_GLOBAL_ID)
+    if held is not None and not _is_version_id(held):
+        raise _Invalid(
+            f"{wc.STATUS}.{wc.STATUS_GLOBAL_ID}",
+            "must be the hex id of global layers the coordinator sent (or empty); the site software is "
+            "out of date or the reply was altered",
+        )
     site_name = record.get(wc.STATUS_SITE_NAME)
     if site_name is not None and not _is_plain_name(site_name):
         raise _Invalid(
@@ -387,6 +395,10 @@ def _read_status(content: RecordDict, expected_fingerprint: str | None) -> _Stat
             "the site must reinstall the run's backbone",
         )
     return _Status(status, fingerprint, site_name)
+
+
+def _is_version_id(value: object) -> bool:
+    return isinstance(value, str) and len(value) <= 128 and all(ch in "0123456789abcdef" for ch in value)
 
 
 def _is_plain_name(name: object) -> bool:

@@ -1,15 +1,19 @@
 """Bytes per site per round: full-model fp32 FedAvg against fedtl's shared-layer exchange.
 
 * Full-model FedAvg (the plain recipe): the coordinator sends the whole state dict and the site
-  returns the whole state dict, both float32 (integer buffers at their own width).
-* fedtl: the coordinator sends the global shared layers (float32, ``ArrayRecord SHARED``); the
-  site returns them encoded with ``common.update_encoding.encode_update`` as fp32 weights, fp16
-  deltas or int8 deltas with per-tensor scales. The frozen trunk plus the initial shared
-  layers travel once per backbone fingerprint (``ArrayRecord BACKBONE``): reported separately.
+  returns the whole state dict, both float32 (integer buffers at their own width). Flower's
+  stock strategies also send the whole model again for evaluation (``evaluate_broadcast_bytes``).
+* fedtl, steady state (a site that took part in the previous round): the coordinator's evaluate
+  message carries the new global shared layers as a ``common.global_sync`` downlink (full float32
+  weights for fp32, an fp16/int8 delta from the site's copy otherwise), and the next train
+  message carries no tensors, because the site already holds that version. The site returns its
+  update encoded with ``common.update_encoding.encode_update``. So one downlink and one uplink
+  per round, built here by the shipping code (``server.global_broadcast``).
+* Once per site and backbone fingerprint: the frozen trunk plus the initial shared layers
+  (``ArrayRecord BACKBONE``) and a first full copy of the global layers; reported separately.
 
 Both the tensor payload (``numel x element size``) and the serialised size of the Flower
-``ArrayRecord`` that carries it are given. The coordinator's evaluate broadcast (the new global
-layers, once per round, in both schemes) is reported as a separate figure.
+``ArrayRecord`` that carries it are given.
 """
 
 from __future__ import annotations
@@ -50,13 +54,15 @@ def simulated_update(reference: Mapping[str, torch.Tensor], seed: int) -> dict[s
 
 
 def traffic_per_round(model: Any, groups: Any, seed: int = 0) -> dict[str, Any]:
-    """Per-site, per-round bytes of full-model fp32 FedAvg and of fedtl (fp32, fp16, int8 uplink).
+    """Per-site, per-round bytes of full-model fp32 FedAvg and of fedtl for each encoding.
 
     Args:
         model: the FedModel (its state dict is what full-model FedAvg exchanges).
         groups: ``ParameterGroups`` from ``common.layer_policy.apply_policy`` for the policy measured.
-        seed: seed of the simulated local update.
+        seed: seed of the simulated local update and aggregate.
     """
+    from server.global_broadcast import GlobalBroadcast, downlink_records
+
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     shared = {k: state[k].float() for k in groups.shared}
     backbone = {k: state[k] for k in groups.frozen + groups.shared}
@@ -69,35 +75,41 @@ def traffic_per_round(model: Any, groups: Any, seed: int = 0) -> dict[str, Any]:
         "round_record_bytes": 2 * full_record,
         "evaluate_broadcast_bytes": full_payload,
     }
-    down_payload = payload_bytes(shared)
-    down_record = record_bytes(shared)
-    trained = simulated_update(shared, seed)
     fedtl: dict[str, Any] = {
-        "down_bytes": down_payload,
-        "evaluate_broadcast_bytes": down_payload,
         "backbone_install_once_bytes": payload_bytes(backbone),
         "backbone_install_once_record_bytes": record_bytes(backbone),
+        "first_contact_full_global_once_bytes": payload_bytes(shared),
         "shared_values": sum(t.numel() for t in shared.values()),
         "model_values": sum(t.numel() for t in state.values()),
         "by_encoding": {},
     }
+    site = 7
     for encoding in ENCODINGS:
-        encoded = encode_update(trained, shared, encoding)
+        broadcast = GlobalBroadcast(shared, encoding)
+        held = broadcast.version_id
+        trained = simulated_update(broadcast.weights, seed)
+        encoded = encode_update(trained, broadcast.weights, encoding)
         up_payload = encoded_nbytes(encoded)
         up_record = record_bytes(encoded.tensors) + record_bytes(encoded.scales)
+        broadcast.publish(simulated_update(broadcast.weights, seed + 1))  # this round's aggregate
+        broadcast.mark_held(site, held)  # the site holds the previous version (it took part last round)
+        evaluate_records, _ = downlink_records(broadcast.downlink_for(site))
+        broadcast.mark_held(site, broadcast.version_id)  # its evaluate reply said it now holds the new one
+        train_records, _ = downlink_records(broadcast.downlink_for(site))
+        down_payload = sum(payload_bytes(r.to_torch_state_dict()) for r in evaluate_records.values())
+        down_record = sum(sum(len(a.data) for a in r.values()) for r in evaluate_records.values())
+        train_down = sum(payload_bytes(r.to_torch_state_dict()) for r in train_records.values())
+        round_payload = down_payload + train_down + up_payload
         fedtl["by_encoding"][encoding] = {
+            "down_bytes": down_payload + train_down,
+            "evaluate_message_bytes": down_payload,
+            "train_message_bytes": train_down,
             "up_bytes": up_payload,
-            "round_bytes": down_payload + up_payload,
+            "round_bytes": round_payload,
             "round_record_bytes": down_record + up_record,
-            "ratio_vs_full_fedavg": (down_payload + up_payload) / full["round_bytes"],
+            "ratio_vs_full_fedavg": round_payload / full["round_bytes"],
             "record_ratio_vs_full_fedavg": (down_record + up_record) / full["round_record_bytes"],
-            "ratio_with_evaluate_broadcast": (2 * down_payload + up_payload)
+            "ratio_vs_full_fedavg_with_its_evaluate_broadcast": round_payload
             / (full["round_bytes"] + full["evaluate_broadcast_bytes"]),
         }
-    # Not implemented in fedtl: what a delta-encoded DOWNLINK (global delta since the layers the
-    # site already holds) would give, for the report's proposal.
-    fedtl["hypothetical_downlink_encoded_ratio"] = {
-        encoding: (2 * fedtl["by_encoding"][encoding]["up_bytes"]) / full["round_bytes"]
-        for encoding in ENCODINGS
-    }
     return {"full_model_fedavg_fp32": full, "fedtl": fedtl}

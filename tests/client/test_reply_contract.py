@@ -21,7 +21,9 @@ from common import wire_contract as wc
 from common.config import FederationConfig
 from common.site_manifest import load_manifest
 from common.synthetic_hospitals import generate_federation
+from common.global_sync import Downlink, global_id
 from server.backbone_source import prepare_backbone
+from server.global_broadcast import downlink_records
 
 CONFIG = FederationConfig.from_dict({
     "model": {"architecture": "resnet18", "image_size": 32},
@@ -42,6 +44,14 @@ def _config(backbone_fingerprint: str, server_round: int = 1) -> ConfigRecord:
         wc.CONFIG_FEDERATION: CONFIG.to_json(), wc.CONFIG_ROUND: server_round,
         wc.CONFIG_FINGERPRINT: backbone_fingerprint, wc.CONFIG_ENCODING: "fp32", wc.CONFIG_PROXIMAL_MU: 0.01,
     })
+
+
+def _with_global(shared: dict[str, torch.Tensor], config: ConfigRecord) -> RecordDict:
+    """A coordinator message carrying the full global shared layers (as a first contact does)."""
+    records, entries = downlink_records(Downlink.full(shared, global_id(shared)))
+    for key, value in entries.items():
+        config[key] = value
+    return RecordDict({**records, wc.CONFIG: config})
 
 
 def _strings_in(content: RecordDict) -> list[str]:
@@ -73,12 +83,22 @@ def site_replies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
                                  "normalization-mean": list(backbone.mean), "normalization-std": list(backbone.std),
                                  "backbone-source": backbone.source}),
     })
-    shared = lambda: RecordDict({wc.SHARED: ArrayRecord(torch_state_dict=backbone.shared),  # noqa: E731
-                                 wc.CONFIG: _config(backbone.fingerprint)})
+    shared = lambda: _with_global(backbone.shared, _config(backbone.fingerprint))  # noqa: E731
     before_install = app(_message(shared(), wc.TRAIN), context)
     installed = app(_message(install, wc.INSTALL_BACKBONE), context)
     trained = app(_message(shared(), wc.TRAIN), context)
     evaluated = app(_message(shared(), wc.EVALUATE), context)
+    held_id = global_id(backbone.shared)
+    nothing_records, nothing_entries = downlink_records(Downlink.nothing(held_id))
+    nothing_config = _config(backbone.fingerprint)
+    for key, value in nothing_entries.items():
+        nothing_config[key] = value
+    evaluated_without_tensors = app(_message(RecordDict({**nothing_records, wc.CONFIG: nothing_config}),
+                                             wc.EVALUATE), context)
+    stale = _with_global(backbone.shared, _config(backbone.fingerprint))
+    stale[wc.CONFIG][wc.CONFIG_GLOBAL_BASE] = "ab" * 32  # a delta from a version the site never had
+    stale[wc.CONFIG][wc.CONFIG_GLOBAL_ID] = "cd" * 32
+    out_of_step = app(_message(stale, wc.TRAIN), context)
 
     forbidden: set[str] = set()
     for entry in load_manifest(manifest, list(CONFIG.model.class_names)).entries:
@@ -91,7 +111,8 @@ def site_replies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
                     forbidden.add(text)
     head = SiteState(root / "state").load_local_head(backbone_fingerprint=backbone.fingerprint)
     return {"before": before_install, "installed": installed, "trained": trained, "evaluated": evaluated,
-            "forbidden": forbidden, "backbone": backbone, "head": head}
+            "evaluated_without_tensors": evaluated_without_tensors, "out_of_step": out_of_step,
+            "forbidden": forbidden, "backbone": backbone, "head": head, "held_id": held_id}
 
 
 def test_a_site_without_the_backbone_asks_for_it_and_sends_nothing_else(site_replies) -> None:
@@ -108,7 +129,8 @@ def test_a_train_reply_holds_exactly_the_shared_layers_and_the_named_metrics(sit
     sent = reply.content[wc.SHARED].to_torch_state_dict()
     assert set(sent) == set(site_replies["backbone"].shared), "only the shared layers may leave"
     assert set(reply.content[wc.METRICS].keys()) == wc.TRAIN_METRIC_KEYS
-    assert set(reply.content[wc.STATUS].keys()) <= {wc.STATUS_KEY, wc.STATUS_SITE_NAME, wc.STATUS_FINGERPRINT}
+    assert set(reply.content[wc.STATUS].keys()) <= {wc.STATUS_KEY, wc.STATUS_SITE_NAME, wc.STATUS_FINGERPRINT,
+                                                    wc.STATUS_GLOBAL_ID}
     assert reply.content[wc.STATUS][wc.STATUS_KEY] == wc.STATUS_OK
     assert 0 < reply.content[wc.METRICS]["epsilon"] <= CONFIG.privacy.target_epsilon
 
@@ -148,3 +170,22 @@ def test_no_dicom_header_value_patient_id_or_file_name_appears_in_any_reply(site
 def test_reply_tensors_are_finite_floats(site_replies) -> None:
     for array in site_replies["trained"].content[wc.SHARED].to_numpy_ndarrays():
         assert array.dtype == np.float32 and np.isfinite(array).all()
+
+
+def test_every_reply_says_which_global_layers_the_site_holds(site_replies) -> None:
+    for name in ("before", "trained", "evaluated"):
+        assert site_replies[name].content[wc.STATUS][wc.STATUS_GLOBAL_ID] == site_replies["held_id"], name
+
+
+def test_a_site_that_holds_the_global_layers_evaluates_without_receiving_them_again(site_replies) -> None:
+    reply = site_replies["evaluated_without_tensors"]
+    assert not reply.has_error(), reply.error if reply.has_error() else ""
+    assert reply.content[wc.STATUS][wc.STATUS_KEY] == wc.STATUS_OK
+    assert reply.content[wc.METRICS]["balanced-accuracy"] == site_replies["evaluated"].content[wc.METRICS]["balanced-accuracy"]
+
+
+def test_a_delta_from_a_version_the_site_does_not_hold_gets_need_global_and_nothing_else(site_replies) -> None:
+    reply = site_replies["out_of_step"]
+    assert set(reply.content.keys()) == {wc.STATUS}
+    assert reply.content[wc.STATUS][wc.STATUS_KEY] == wc.STATUS_NEED_GLOBAL
+    assert reply.content[wc.STATUS][wc.STATUS_GLOBAL_ID] == site_replies["held_id"], "the copy it holds is kept"

@@ -244,3 +244,14 @@ def test_process_killed_while_writing_leaves_a_loadable_local_head(tmp_path: Pat
     values = head["w"].unique()
     assert values.numel() == 1, "a reader must never see a half-written file"
     assert values.item() >= completed[-1]
+
+
+def test_the_global_layers_survive_a_restart_and_a_damaged_file_means_asking_again(tmp_path) -> None:
+    state = SiteState(tmp_path)
+    assert state.load_global_layers() is None
+    tensors = {"conv.weight": torch.randn(4, 2, 3, 3)}
+    state.store_global_layers("ab" * 32, tensors)
+    version_id, loaded = SiteState(tmp_path).load_global_layers()
+    assert version_id == "ab" * 32 and torch.equal(loaded["conv.weight"], tensors["conv.weight"])
+    state.global_layers_path.write_bytes(b"not a torch file")
+    assert SiteState(tmp_path).load_global_layers() is None
