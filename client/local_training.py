@@ -2,9 +2,11 @@
 
 Under DP every step is DP-SGD through Opacus: Poisson sampling, per-sample clipping (ghost
 clipping by default, with fedtl's convolution norm samplers), Gaussian noise on every trainable
-parameter, shared and local. The accountant comes from the site's ledger, so the epsilon after
-this call is the site's cumulative one. FedProx's proximal gradient is added after
-privatisation, where Opacus cannot drop it (see ``client.proximal``).
+parameter, shared and local. In ghost mode the backward is ``client.ghost_clipping``'s:
+Opacus' two passes, the first one computing no parameter gradients. The accountant comes from
+the site's ledger, so the epsilon after this call is the site's cumulative one. FedProx's
+proximal gradient is added after privatisation, where Opacus cannot drop it (see
+``client.proximal``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import common.conv_norm_samplers  # noqa: F401 - registers Opacus norm samplers for convolutions
+from client.ghost_clipping import DirectWeightGradients, ghost_clipped_backward
 from client.privacy_budget import PrivacyLedger
 from client.proximal import dp_step_with_proximal
 from common.config import PrivacyConfig, TrainingConfig
@@ -100,6 +103,8 @@ def train_tail(
         engine = None
         model_call = tail
 
+    fast_ghost = dp_module is not None and privacy.grad_sample_mode == "ghost"
+    direct = DirectWeightGradients.attach(tail) if fast_ghost else None
     losses: list[float] = []
     steps = 0
     try:
@@ -112,21 +117,51 @@ def train_tail(
                         p.grad = torch.zeros_like(p)
                 else:
                     batch_inputs = batch_inputs.to(device, non_blocking=True)
+                    batch_clinical = batch_clinical.to(device)
                     if augment is not None:
                         batch_inputs = augment(batch_inputs)
-                    logits = model_call(batch_inputs, batch_clinical.to(device))
+                    leaves: list[torch.Tensor] = []
+                    if fast_ghost:
+                        batch_inputs, batch_clinical, leaves = _as_input_leaves(batch_inputs, batch_clinical)
+                    logits = model_call(batch_inputs, batch_clinical)
                     loss = criterion(logits, batch_labels.to(device))
-                    loss.backward()
+                    if fast_ghost:
+                        ghost_clipped_backward(loss, dp_module, leaves, direct)
+                    else:
+                        loss.backward()
                     losses.append(float(loss.item()))
                 dp_step_with_proximal(optimizer, named_shared, global_on_device, proximal_mu)
                 steps += 1
     finally:
+        if direct is not None:
+            direct.close()
         if dp_module is not None:
             dp_module._close()  # remove Opacus hooks so the next round does not stack them
         if ledger is not None and engine is not None:
             ledger.record(engine.accountant)
     mean_loss = sum(losses) / len(losses) if losses else float("nan")
     return TrainingOutcome(mean_loss=mean_loss, steps=steps, num_examples=len(inputs))
+
+
+def _as_input_leaves(
+    inputs: torch.Tensor, clinical: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The tail's float inputs as gradient-requiring leaves, for the pruned ghost backward.
+
+    Args:
+        inputs: the batch of cached trunk features (after augmentation).
+        clinical: the batch's clinical values; an empty ``(n, 0)`` tensor when the model has none.
+
+    Returns:
+        ``(inputs, clinical, leaves)``: the tensors to feed the tail and those of them that are
+        leaves requiring gradients (clinical only when it holds values).
+    """
+    inputs = inputs.detach().requires_grad_(True)
+    leaves = [inputs]
+    if clinical.numel() > 0 and clinical.is_floating_point():
+        clinical = clinical.detach().requires_grad_(True)
+        leaves.append(clinical)
+    return inputs, clinical, leaves
 
 
 def random_flip_and_shift(max_shift: int = 4) -> Augment:

@@ -87,6 +87,8 @@ def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> dict[str, float]:
         raise ValueError("a linear fit needs at least two points")
     mean_x, mean_y = sum(xs) / n, sum(ys) / n
     sxx = sum((x - mean_x) ** 2 for x in xs)
+    if sxx == 0:
+        raise ValueError("a linear fit needs at least two different x values (federation sizes)")
     sxy = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys))
     slope = sxy / sxx
     intercept = mean_y - slope * mean_x

@@ -3,14 +3,17 @@
 Times, as medians over repeated steps of the same batch, the phases of:
 
 * a non-private step: forward, backward, optimizer step;
-* an Opacus ghost-clipping step as ``client.local_training.train_tail`` runs it: forward,
-  first backward (the layer hooks compute per-sample norms; autograd also computes parameter
+* an Opacus ghost-clipping step with Opacus' stock backward (``ghost_stock``): forward, first
+  backward (the layer hooks compute per-sample norms; autograd also computes parameter
   gradients that Opacus discards), second backward (the clipping-weighted loss), the DP
   optimizer's pre-step (clip bookkeeping, noise, scaling) and the parameter update; the time
   spent inside the norm samplers (``GradSampleModuleFastGradientClipping.NORM_SAMPLERS``) is
   measured separately, as part of the first backward;
-* the same with the first pass restricted to input gradients
-  (:mod:`simulations.bench_fast_ghost`).
+* the step as ``client.local_training.train_tail`` runs it (``ghost_shipping``): the same with
+  ``client.ghost_clipping.ghost_clipped_backward``, whose first pass computes input gradients
+  only and which, for a tail of convolutions and linear layers, computes the clipped weight
+  gradients directly instead of a second pass (``DirectWeightGradients``); timed as a whole
+  (``backward_both_passes``).
 
 Run inside a benchmark worker process (``simulations.bench_training``); see
 :func:`profile_dp_step`.
@@ -31,7 +34,7 @@ from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from simulations import bench_fast_ghost
+from client.ghost_clipping import DirectWeightGradients, ghost_clipped_backward
 
 
 class _PhaseClock:
@@ -103,12 +106,12 @@ class _NonPrivateStep:
 
 
 class _GhostStep:
-    """An Opacus ghost-clipping step (stock or fast first pass) on its own copy of the tail."""
+    """An Opacus ghost-clipping step (stock or shipping backward) on its own copy of the tail."""
 
     def __init__(self, tail: nn.Module, batch: torch.Tensor, clinical: torch.Tensor, target: torch.Tensor,
-                 max_grad_norm: float, fast: bool) -> None:
+                 max_grad_norm: float, shipping: bool) -> None:
         self.tail = tail
-        self.fast = fast
+        self.shipping = shipping
         optimizer = torch.optim.SGD([p for p in tail.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
         loader = DataLoader(TensorDataset(batch.cpu(), clinical.cpu(), target.cpu()), batch_size=len(batch))
         with warnings.catch_warnings():
@@ -118,36 +121,39 @@ class _GhostStep:
                 noise_multiplier=1.0, max_grad_norm=max_grad_norm, poisson_sampling=False,
                 grad_sample_mode="ghost",
             )
+        self.direct = DirectWeightGradients.attach(tail) if shipping else None
 
     def __call__(self, batch: torch.Tensor, clinical: torch.Tensor, target: torch.Tensor, clock: _PhaseClock) -> None:
-        tracker = bench_fast_ghost.track_tail_inputs(self.tail) if self.fast else contextlib.nullcontext()
-        with tracker, warnings.catch_warnings():
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.dp_optimizer.zero_grad(set_to_none=True)
             with clock.phase("forward"):
+                if self.shipping:
+                    batch = batch.detach().requires_grad_(True)  # as train_tail makes its inputs leaves
                 loss = self.criterion(self.dp_module(batch, clinical), target)
             with clock.phase("backward_both_passes"):
-                _two_pass_backward(loss, self.dp_module, clock, self.fast)
+                if self.shipping:
+                    ghost_clipped_backward(loss, self.dp_module, [batch], self.direct)
+                else:
+                    _stock_two_pass_backward(loss, self.dp_module, clock)
             with clock.phase("dp_pre_step_clip_noise"):
                 self.dp_optimizer.pre_step()
             with clock.phase("optimizer_step"):
                 self.dp_optimizer.original_optimizer.step()
 
     def close(self) -> None:
-        """Remove the Opacus hooks."""
+        """Remove the Opacus hooks (and the direct-gradient hooks)."""
+        if self.direct is not None:
+            self.direct.close()
         self.dp_module._close()
 
 
-def _two_pass_backward(loss: Any, dp_module: Any, clock: _PhaseClock, fast: bool) -> None:
-    """Opacus' ghost backward (stock or fast first pass), with each pass timed."""
+def _stock_two_pass_backward(loss: Any, dp_module: Any, clock: _PhaseClock) -> None:
+    """Opacus' stock ghost backward (``DPTensorFastGradientClipping.backward``), each pass timed."""
     reduced = torch.mean(loss.loss_per_sample, dim=0)
     params = list(dp_module.trainable_parameters)
     with clock.phase("first_backward"):
-        if fast:
-            leaves = [t for t in bench_fast_ghost._STASH.tensors if t.requires_grad]
-            torch.autograd.grad(reduced, leaves, retain_graph=True, allow_unused=True)
-        else:
-            reduced.backward(retain_graph=True)
+        reduced.backward(retain_graph=True)
     for p in params:
         p.grad = None
     with clock.phase("clipping_coefficients"):
@@ -156,10 +162,7 @@ def _two_pass_backward(loss: Any, dp_module: Any, clock: _PhaseClock, fast: bool
     dp_module.disable_hooks()
     try:
         with clock.phase("second_backward"):
-            if fast:
-                second.backward(inputs=params)
-            else:
-                second.backward()
+            second.backward()
     finally:
         dp_module.enable_hooks()
 
@@ -167,7 +170,7 @@ def _two_pass_backward(loss: Any, dp_module: Any, clock: _PhaseClock, fast: bool
 def profile_dp_step(tail_factory: Callable[[], nn.Module], features: torch.Tensor, labels: torch.Tensor,
                     *, batch_size: int, max_grad_norm: float, device: torch.device,
                     repeats: int = 5) -> dict[str, Any]:
-    """Median milliseconds per phase of a non-private, a stock ghost and a fast-first-pass ghost step.
+    """Median milliseconds per phase of a non-private, a stock ghost and a shipping ghost step.
 
     The three variants run round-robin (one step each per repeat) on independent copies of the
     tail, so that load from other processes hits them alike.
@@ -189,9 +192,9 @@ def profile_dp_step(tail_factory: Callable[[], nn.Module], features: torch.Tenso
     steps: dict[str, Any] = {
         "nonprivate": _NonPrivateStep(tail_factory().to(device).train()),
         "ghost_stock": _GhostStep(tail_factory().to(device).train(), batch, clinical, target, max_grad_norm,
-                                  fast=False),
-        "ghost_fast_first_pass": _GhostStep(tail_factory().to(device).train(), batch, clinical, target,
-                                            max_grad_norm, fast=True),
+                                  shipping=False),
+        "ghost_shipping": _GhostStep(tail_factory().to(device).train(), batch, clinical, target, max_grad_norm,
+                                     shipping=True),
     }
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in steps}
     try:

@@ -24,27 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from common.atomic_io import atomic_write_json
+from simulations.bench_coordinator import linear_fit
 
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO_ROOT / "simulations" / "configs" / "demo.toml"
-
-
-def linear_fit(xs: list[float], ys: list[float]) -> dict[str, float]:
-    """Least-squares ``y = intercept + slope * x`` with its coefficient of determination."""
-    n = len(xs)
-    if n < 2:
-        raise ValueError("a linear fit needs at least two federation sizes")
-    mean_x, mean_y = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mean_x) ** 2 for x in xs)
-    if sxx == 0:
-        raise ValueError("a linear fit needs at least two different federation sizes")
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sxx
-    intercept = mean_y - slope * mean_x
-    ss_res = sum((y - intercept - slope * x) ** 2 for x, y in zip(xs, ys))
-    ss_tot = sum((y - mean_y) ** 2 for y in ys)
-    return {"intercept_s": intercept, "slope_s_per_site": slope, "r2": 1.0 - ss_res / ss_tot if ss_tot else 1.0}
 
 
 def run_size(sites: int, rounds: int, site_scale: float, parallel: int, work_dir: Path) -> dict[str, Any]:

@@ -13,15 +13,14 @@ Modes (same model, same synthetic data, same noise multiplier and clipping bound
 * ``plain_nonprivate``: the same full-model loop without Opacus (context figure).
 * ``fedtl_dp``: fedtl's client path: the frozen trunk computed once
   (``client.trunk_feature_cache.compute_trunk_features``, timed separately), then the shipping
-  ``client.local_training.train_tail`` with DP on (ghost clipping with fedtl's norm samplers,
-  Poisson sampling, FedProx step, privacy ledger).
+  ``client.local_training.train_tail`` with DP on (ghost clipping with fedtl's norm samplers and
+  its pruned backward, ``client.ghost_clipping``; Poisson sampling, FedProx step, privacy
+  ledger). It also checks on one batch that the per-sample norms and the clipped, summed
+  gradients of the shipping backward equal those of Opacus' stock ghost backward
+  (``equivalence``).
 * ``fedtl_nonprivate``: the same path with DP off.
-* ``fedtl_dp_fast_first_pass``: ``fedtl_dp`` with the prototype of
-  :mod:`simulations.bench_fast_ghost` (first backward pass without parameter gradients); it
-  also checks on one batch that the per-sample norms and the clipped, summed gradients equal
-  those of the stock Opacus backward.
-* ``profile_dp_step``: per-phase milliseconds of one non-private, one stock ghost and one
-  fast-first-pass ghost step (:mod:`simulations.bench_dp_profile`).
+* ``profile_dp_step``: per-phase milliseconds of one non-private step, one step with Opacus'
+  stock ghost backward and one with the shipping backward (:mod:`simulations.bench_dp_profile`).
 
 Images and labels are random (seeded): only speed and memory are measured. Each timed phase
 records wall-clock seconds (``images_per_s``) and the process's CPU seconds
@@ -60,7 +59,6 @@ MODES: tuple[str, ...] = (
     "plain_nonprivate",
     "fedtl_dp",
     "fedtl_nonprivate",
-    "fedtl_dp_fast_first_pass",
     "profile_dp_step",
 )
 
@@ -314,15 +312,12 @@ def _train_tail_call(
     epochs: int,
     ledger_dir: Path,
     counter: list[int],
-    track_inputs: bool,
 ) -> tuple[Any, Any]:
     """One call of the shipping ``client.local_training.train_tail`` on cached trunk features.
 
     Returns the ``TrainingOutcome`` and the ledger (None without DP). ``counter[0]`` grows by the
-    images the tail processed; ``track_inputs`` installs the fast-first-pass input tracker.
+    images the tail processed.
     """
-    from simulations import bench_fast_ghost
-
     from client.local_training import train_tail
     from client.privacy_budget import PrivacyLedger, sample_rate_for
     from common.config import PrivacyConfig, TrainingConfig
@@ -345,8 +340,7 @@ def _train_tail_call(
             planned_steps=spec.planned_steps,
         )
     tail = model.tail(boundary)
-    tracker = bench_fast_ghost.track_tail_inputs(tail) if track_inputs else contextlib.nullcontext()
-    with tracker, _count_samples(tail, counter):
+    with _count_samples(tail, counter):
         outcome = train_tail(
             tail,
             features,
@@ -366,12 +360,11 @@ def _train_tail_call(
     return outcome, ledger
 
 
-def run_fedtl(spec: TrainingBenchSpec, private: bool, fast_first_pass: bool = False) -> dict[str, Any]:
+def run_fedtl(spec: TrainingBenchSpec, private: bool) -> dict[str, Any]:
     """Trunk once, then ``train_tail`` (warm-up call, then the timed call)."""
     from client.privacy_budget import sample_rate_for
     from client.trunk_feature_cache import compute_trunk_features
     from common.backbones import first_trainable_stage
-    from simulations import bench_fast_ghost
 
     device = torch.device(spec.device)
     model, policy, groups = _model_and_groups(spec)
@@ -394,23 +387,21 @@ def run_fedtl(spec: TrainingBenchSpec, private: bool, fast_first_pass: bool = Fa
                   trunk_feature_mib=round(features.numel() * features.element_size() / 2**20, 2))
     del images
 
-    patch = bench_fast_ghost.fast_first_pass() if fast_first_pass else contextlib.nullcontext()
-    if fast_first_pass:
-        result["equivalence"] = check_fast_first_pass(spec, model, groups, boundary, features, labels)
+    if private:
+        result["equivalence"] = check_shipping_ghost_backward(spec, model, boundary, features, labels)
 
     counter = [0]
     with tempfile.TemporaryDirectory(prefix="fedtl-bench-") as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         warm = min(len(features), 2 * spec.batch_size)
-        with patch, meter.phase(result, "train"):  # memory: warm-up and timed call; time: timed call only
+        with meter.phase(result, "train"):  # memory: warm-up and timed call; time: timed call only
             # warm-up: a short call with its own ledger (allocator, first-call costs)
             _train_tail_call(spec, model, groups, boundary, features[:warm], labels[:warm], private=private,
-                             epochs=1, ledger_dir=Path(tmp), counter=[0], track_inputs=fast_first_pass)
+                             epochs=1, ledger_dir=Path(tmp), counter=[0])
             _sync(device)
             start, cpu_start = time.perf_counter(), time.process_time()
             outcome, ledger = _train_tail_call(spec, model, groups, boundary, features, labels, private=private,
-                                               epochs=spec.timed_epochs, ledger_dir=Path(tmp), counter=counter,
-                                               track_inputs=fast_first_pass)
+                                               epochs=spec.timed_epochs, ledger_dir=Path(tmp), counter=counter)
             _sync(device)
             seconds = time.perf_counter() - start
             cpu_seconds = time.process_time() - cpu_start
@@ -431,16 +422,18 @@ def run_fedtl(spec: TrainingBenchSpec, private: bool, fast_first_pass: bool = Fa
     return result
 
 
-def check_fast_first_pass(
-    spec: TrainingBenchSpec, model: Any, groups: Any, boundary: int, features: torch.Tensor, labels: torch.Tensor
+def check_shipping_ghost_backward(
+    spec: TrainingBenchSpec, model: Any, boundary: int, features: torch.Tensor, labels: torch.Tensor
 ) -> dict[str, float]:
-    """Per-sample norms and clipped summed gradients of one batch: stock Opacus vs the prototype.
+    """Per-sample norms and clipped summed gradients of one batch: Opacus' stock ghost backward
+    (``loss.backward()``) vs the shipping ``client.ghost_clipping.ghost_clipped_backward`` (with
+    ``DirectWeightGradients`` where the tail allows it, as in ``train_tail``).
 
     Returns the largest relative differences (0 would be bit-identical).
     """
     from opacus import PrivacyEngine
 
-    from simulations import bench_fast_ghost
+    from client.ghost_clipping import DirectWeightGradients, ghost_clipped_backward
 
     device = torch.device(spec.device)
     batch = features[: spec.batch_size].to(device)
@@ -448,7 +441,7 @@ def check_fast_first_pass(
     clinical = torch.zeros(len(batch), 0, device=device)
     original_state = {k: v.clone() for k, v in model.state_dict().items()}
     results: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
-    for fast in (False, True):
+    for shipping in (False, True):
         model.load_state_dict(original_state)
         tail = model.tail(boundary).to(device).train()
         params = [p for p in tail.parameters() if p.requires_grad]
@@ -461,15 +454,20 @@ def check_fast_first_pass(
                 noise_multiplier=0.0, max_grad_norm=spec.max_grad_norm, poisson_sampling=False,
                 grad_sample_mode="ghost",
             )
-        patch = bench_fast_ghost.fast_first_pass() if fast else contextlib.nullcontext()
-        tracker = bench_fast_ghost.track_tail_inputs(tail) if fast else contextlib.nullcontext()
-        with patch, tracker:
+        direct = DirectWeightGradients.attach(tail) if shipping else None  # as train_tail does
+        try:
             dp_optimizer.zero_grad(set_to_none=True)
-            loss = criterion(dp_module(batch, clinical), target)
-            loss.backward()
-        norms = dp_module.per_sample_gradient_norms.detach().clone()
-        grads = [p.grad.detach().clone() for p in params]
-        dp_module._close()
+            if shipping:
+                leaf = batch.detach().requires_grad_(True)
+                ghost_clipped_backward(criterion(dp_module(leaf, clinical), target), dp_module, [leaf], direct)
+            else:
+                criterion(dp_module(batch, clinical), target).backward()
+            norms = dp_module.per_sample_gradient_norms.detach().clone()
+            grads = [p.grad.detach().clone() for p in params]
+        finally:
+            if direct is not None:
+                direct.close()
+            dp_module._close()
         results.append((norms, grads))
     model.load_state_dict(original_state)
     (norms_a, grads_a), (norms_b, grads_b) = results
@@ -510,8 +508,6 @@ def run_mode(mode: str, spec: TrainingBenchSpec) -> dict[str, Any]:
         figures = run_fedtl(spec, private=True)
     elif mode == "fedtl_nonprivate":
         figures = run_fedtl(spec, private=False)
-    elif mode == "fedtl_dp_fast_first_pass":
-        figures = run_fedtl(spec, private=True, fast_first_pass=True)
     elif mode == "profile_dp_step":
         figures = run_profile(spec)
     else:

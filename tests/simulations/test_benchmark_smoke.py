@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from common.config import TrainingConfig
+
 from simulations import benchmark
 from simulations.bench_coordinator import linear_fit
 
@@ -33,7 +35,7 @@ def _positive(value: object) -> bool:
 def test_bench_json_has_the_headline_ratios_of_issue_7(report: tuple[dict, Path]) -> None:
     data, _ = report
     for key in ("dp_speedup_vs_plain", "dp_fraction_of_nonprivate", "bytes_ratio_vs_full_fedavg",
-                "bytes_ratio_vs_full_fedavg_fp16", "bytes_ratio_vs_full_fedavg_int8"):
+                "bytes_ratio_vs_full_fedavg_fp32", "bytes_ratio_vs_full_fedavg_fp16", "bytes_ratio_vs_full_fedavg_int8"):
         assert _positive(data[key]), key
     assert set(data["summary"]["targets"]) == {"dp_speedup_vs_plain", "dp_fraction_of_nonprivate",
                                                "bytes_ratio_vs_full_fedavg"}
@@ -58,11 +60,23 @@ def test_dp_modes_share_the_noise_multiplier_the_ledger_plans(report: tuple[dict
     assert data["training"]["fedtl_dp"]["ledger_noise_multiplier"] == pytest.approx(planned)
 
 
-def test_fast_first_pass_prototype_gives_the_stock_norms_and_gradients(report: tuple[dict, Path]) -> None:
+def test_shipping_ghost_backward_gives_opacus_stock_norms_and_gradients(report: tuple[dict, Path]) -> None:
     data, _ = report
-    equivalence = data["training"]["fedtl_dp_fast_first_pass"]["equivalence"]
+    equivalence = data["training"]["fedtl_dp"]["equivalence"]
     assert equivalence["max_rel_diff_per_sample_norms"] < 1e-5
     assert equivalence["max_rel_diff_clipped_grads"] < 1e-5
+    assert data["summary"]["ghost_backward_equivalence"]["max_rel_diff_clipped_grads"] == pytest.approx(
+        equivalence["max_rel_diff_clipped_grads"]
+    )
+
+
+def test_dp_step_profile_times_the_stock_and_the_shipping_ghost_backward(report: tuple[dict, Path]) -> None:
+    data, _ = report
+    profile = data["dp_step_profile"]
+    for name in ("nonprivate", "ghost_stock", "ghost_shipping"):
+        assert _positive(profile[name]["step_total"]), name
+    assert _positive(profile["ghost_stock"]["second_backward"])
+    assert _positive(profile["ghost_shipping"]["backward_both_passes"])
 
 
 def test_fedtl_traffic_is_smaller_than_full_model_fedavg_and_shrinks_with_the_encoding(
@@ -73,7 +87,12 @@ def test_fedtl_traffic_is_smaller_than_full_model_fedavg_and_shrinks_with_the_en
     full = traffic["full_model_fedavg_fp32"]["round_bytes"]
     rounds = {enc: f["round_bytes"] for enc, f in traffic["fedtl"]["by_encoding"].items()}
     assert 0 < rounds["int8"] < rounds["fp16"] < rounds["fp32"] < full
-    assert data["bytes_ratio_vs_full_fedavg"] == pytest.approx(rounds["fp32"] / full)
+    assert data["bytes_encoding"] == TrainingConfig().update_encoding
+    assert data["bytes_ratio_vs_full_fedavg"] == pytest.approx(rounds[data["bytes_encoding"]] / full)
+    assert data["bytes_ratio_vs_full_fedavg_fp32"] == pytest.approx(rounds["fp32"] / full)
+    by_encoding = traffic["fedtl"]["by_encoding"]
+    assert all(f["train_message_bytes"] == 0 for f in by_encoding.values()), \
+        "a site that evaluated the new version gets no tensors in the next train message"
     assert traffic["fedtl"]["backbone_install_once_bytes"] > 0
 
 

@@ -1,10 +1,10 @@
-"""The site-scaling benchmark's linear fit says linear when the data are linear, and not otherwise."""
+"""The scaling benchmarks' linear fit says linear when the data are linear, and not otherwise."""
 
 from __future__ import annotations
 
 import pytest
 
-from simulations.bench_site_scaling import linear_fit
+from simulations.bench_coordinator import linear_fit
 
 
 def test_exactly_linear_round_times_fit_with_r2_one() -> None:
