@@ -61,6 +61,7 @@ from opacus.accountants import create_accountant
 from opacus.accountants.accountant import IAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from client.rdp_epsilon import rdp_epsilon
 from common.atomic_io import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -459,6 +460,8 @@ class PrivacyLedger:
     def _epsilon_of(self, history: list[HistoryEntry]) -> float:
         if not history:
             return 0.0
+        if self.accountant_kind == "rdp":
+            return rdp_epsilon(history, self.delta)  # Opacus' RDP arithmetic, one-step RDP cached
         accountant = create_accountant(mechanism=self.accountant_kind)
         accountant.history = list(history)
         return float(accountant.get_epsilon(delta=self.delta))
