@@ -68,8 +68,11 @@ class GlobalBroadcast:
         """Learn from a reply's STATUS which version ``node`` holds now (forget it when unsure)."""
         held = None
         if not reply.has_error() and wc.STATUS in reply.content:
-            value = reply.content[wc.STATUS].get(wc.STATUS_GLOBAL_ID)
-            if isinstance(value, str) and value:
+            status = reply.content[wc.STATUS]
+            value = status.get(wc.STATUS_GLOBAL_ID)
+            # after "need-global" the next message carries full weights, whatever the site holds:
+            # a delta it could not apply once (damaged in transit) must not be sent again
+            if isinstance(value, str) and value and status.get(wc.STATUS_KEY) != wc.STATUS_NEED_GLOBAL:
                 held = value
         self.mark_held(node, held)
 

@@ -16,10 +16,13 @@ One run measures, on the same model, the same synthetic data and the same DP set
   own, and the mode cycle is repeated (best of ``--repeats``) because other processes add noise;
 * where a DP step spends its time, Opacus' stock ghost backward next to the shipping one
   (``simulations.bench_dp_profile``);
-* bytes per site per round, full-model fp32 FedAvg against fedtl (fp32/fp16/int8 uplink)
-  (``simulations.bench_traffic``), for the benchmark policy and the architecture's default;
+* bytes per site per round, full-model fp32 FedAvg against fedtl (fp32/fp16/int8 both ways,
+  the downlink a delta from the site's copy, once per round) (``simulations.bench_traffic``),
+  for the benchmark policy and the architecture's default;
 * the coordinator's share of a round for 10, 25 and 50 sites, with a linear fit
   (``simulations.bench_coordinator``);
+* whole simulated rounds (Flower simulation on Ray) of 10, 25 and 50 hospitals, with a linear
+  fit (``simulations.bench_site_scaling``);
 * with ``--gpu-extra`` on CUDA: ResNet-50 at 224x224, top block + head, DP on, and its
   fraction of the non-private rate.
 
@@ -413,6 +416,13 @@ def format_table(report: dict[str, Any]) -> str:
                                                in coordinator["cpu_seconds_by_sites"].items())
                   + f"; fit {1000 * coordinator['linear_fit_cpu_time']['slope_s_per_site']:.1f} ms/site, "
                     f"r^2 = {coordinator['linear_fit_cpu_time']['r2']:.4f}"]
+    scaling = report.get("site_scaling")
+    if scaling:
+        fit = scaling["steady_round_fit"]
+        per = ", ".join(f"{run['sites']} sites {run['steady_round_s']:.1f} s" for run in scaling["runs"])
+        lines += ["", f"whole simulated round (Flower simulation on Ray, steady state): {per}; linear fit "
+                      f"{fit['slope_s_per_site']:.3f} s/site + {fit['intercept_s']:.2f} s, r^2 = {fit['r2']:.4f}; "
+                      f"time per site largest/smallest {scaling['per_site_time_largest_over_smallest']:.2f}"]
     profile = report.get("dp_step_profile")
     if profile:
         lines += ["", f"DP step breakdown, one batch of {profile['batch_size']} (median ms):"]
@@ -484,6 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--modes", nargs="+", default=list(THROUGHPUT_MODES), choices=THROUGHPUT_MODES)
     parser.add_argument("--coordinator-sites", nargs="+", type=int, default=[10, 25, 50])
     parser.add_argument("--coordinator-encoding", default="fp32", choices=("fp32", "fp16", "int8"))
+    parser.add_argument("--site-scaling-sites", nargs="*", type=int, default=[10, 25, 50],
+                        help="federation sizes of the whole-round scaling run (simulations.bench_site_scaling, "
+                             "about 4 minutes on 2 cores); give none to skip it")
     parser.add_argument("--no-profile", action="store_true", help="skip the DP step breakdown")
     parser.add_argument("--in-process", action="store_true",
                         help="run every mode in this process (fast; memory peaks overlap): for tests and debugging")
@@ -525,6 +538,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["dp_step_profile"] = run_worker("profile_dp_step", spec, in_process=args.in_process)
     report["traffic"] = measure_traffic(spec)
     report["coordinator"] = measure_coordinator(spec, tuple(args.coordinator_sites), args.coordinator_encoding)
+    if args.site_scaling_sites:
+        from simulations.bench_site_scaling import measure as measure_site_scaling
+
+        report["site_scaling"] = measure_site_scaling(sorted(args.site_scaling_sites))
     if args.gpu_extra:
         if device.type == "cuda":
             report["gpu_extra"] = measure_gpu_extra(spec, args.repeats, args.in_process)

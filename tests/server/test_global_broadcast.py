@@ -73,3 +73,13 @@ def test_fp32_federations_send_full_weights_once_per_version() -> None:
     assert broadcast.downlink_for(7).base_id == FULL_WEIGHTS_BASE
     broadcast.note_reply(7, reply_holding(broadcast.version_id))
     assert broadcast.downlink_for(7).update is None
+
+
+def test_a_site_that_could_not_apply_the_delta_gets_full_weights_even_if_it_holds_the_base() -> None:
+    broadcast = GlobalBroadcast(layers(0), "int8")
+    base = broadcast.version_id
+    broadcast.publish({k: v + 1e-3 for k, v in broadcast.weights.items()})
+    broadcast.note_reply(7, reply_holding(base))
+    assert broadcast.downlink_for(7).base_id == base, "up to date but one round: the delta"
+    broadcast.note_reply(7, reply_holding(base, status=wc.STATUS_NEED_GLOBAL))
+    assert broadcast.downlink_for(7).base_id == FULL_WEIGHTS_BASE

@@ -16,7 +16,7 @@ from simulations.bench_coordinator import linear_fit
 TINY = [
     "--image-size", "32", "--batch-size", "8", "--train-images", "16", "--timed-epochs", "1",
     "--plain-steps", "1", "--repeats", "1", "--threads", "1", "--coordinator-sites", "2", "3",
-    "--coordinator-encoding", "int8",
+    "--coordinator-encoding", "int8", "--site-scaling-sites",
     "--in-process",
 ]
 

@@ -51,6 +51,12 @@ def test_a_small_federation_runs_every_round_and_records_each_site(tmp_path: Pat
     # the backbone travels once per site, not every round
     first, second = metrics["rounds"]
     assert second["bytes_sent"] < first["bytes_sent"]
+    # from round 2 on a site gets the global layers once, as an int8 delta from its own copy (the
+    # evaluate message of round 1 brought them; the train message of round 2 carries no tensors):
+    # exactly the size of the int8 update it sends back
+    assert plan.config.training.update_encoding == "int8"
+    for site, row in second["sites"].items():
+        assert row["bytes_sent"] == row["bytes_received"] > 0, site
 
 
 def test_resume_after_an_interrupted_run_continues_from_the_last_completed_round(tmp_path: Path, monkeypatch) -> None:
