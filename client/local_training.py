@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import common.conv_norm_samplers  # noqa: F401 - registers Opacus norm samplers for convolutions
+from client.fused_noise_optimizer import use_fused_noise
 from client.ghost_clipping import DirectWeightGradients, ghost_clipped_backward
 from client.privacy_budget import PrivacyLedger
 from client.proximal import dp_step_with_proximal
@@ -96,6 +97,7 @@ def train_tail(
         )
         if privacy.grad_sample_mode == "ghost":
             dp_module, optimizer, criterion, loader = made
+            optimizer = use_fused_noise(optimizer)  # same noised gradients, fewer copies per step
         else:
             dp_module, optimizer, loader = made
         model_call: nn.Module = dp_module

@@ -12,8 +12,8 @@ Times, as medians over repeated steps of the same batch, the phases of:
 * the step as ``client.local_training.train_tail`` runs it (``ghost_shipping``): the same with
   ``client.ghost_clipping.ghost_clipped_backward``, whose first pass computes input gradients
   only and which, for a tail of convolutions and linear layers, computes the clipped weight
-  gradients directly instead of a second pass (``DirectWeightGradients``); timed as a whole
-  (``backward_both_passes``).
+  gradients directly instead of a second pass (``DirectWeightGradients``), timed as a whole
+  (``backward_both_passes``), and the noise step of ``client.fused_noise_optimizer``.
 
 Run inside a benchmark worker process (``simulations.bench_training``); see
 :func:`profile_dp_step`.
@@ -34,6 +34,7 @@ from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.fused_noise_optimizer import use_fused_noise
 from client.ghost_clipping import DirectWeightGradients, ghost_clipped_backward
 
 
@@ -121,6 +122,8 @@ class _GhostStep:
                 noise_multiplier=1.0, max_grad_norm=max_grad_norm, poisson_sampling=False,
                 grad_sample_mode="ghost",
             )
+        if shipping:
+            self.dp_optimizer = use_fused_noise(self.dp_optimizer)
         self.direct = DirectWeightGradients.attach(tail) if shipping else None
 
     def __call__(self, batch: torch.Tensor, clinical: torch.Tensor, target: torch.Tensor, clock: _PhaseClock) -> None:
