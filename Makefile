@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(VENV)/bin/fedtl simulate --config simulations/configs/demo.toml --out runs/demo
+	$(VENV)/bin/fedtl simulate --config simulations/configs/demo.toml --out runs/demo --overwrite
 
 bench: $(STAMP)
 	$(PY) -m simulations.benchmark --out runs/bench.json

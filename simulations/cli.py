@@ -14,12 +14,17 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.toml"
 
 def _simulate(args: argparse.Namespace) -> int:
     from simulations.experiment import format_table, run_experiment
-    from simulations.simulate import SimulationPlan
+    from simulations.simulate import RunFolderInUse, SimulationPlan, prepare_run_folder
 
     config = FederationConfig.from_toml(args.config)
     if args.rounds:
         config = config.model_copy(update={"training": config.training.model_copy(update={"rounds": args.rounds})})
     run_dir = Path(args.out) if args.out else Path("runs") / config.name
+    try:
+        prepare_run_folder(run_dir, resume=args.resume, overwrite=args.overwrite)
+    except RunFolderInUse as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     plan = SimulationPlan(config=config, run_dir=run_dir, num_sites=args.sites, data_seed=args.data_seed,
                           site_scale=args.site_scale, max_parallel_sites=args.parallel, resume=args.resume)
     metrics = run_experiment(plan, baselines=not args.no_baselines)
@@ -51,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--site-scale", type=float, default=1.0, help="multiply every site's size")
     simulate.add_argument("--parallel", type=int, default=2, help="sites training at once (1 CPU each)")
     simulate.add_argument("--resume", action="store_true", help="continue after the last completed round")
+    simulate.add_argument("--overwrite", action="store_true",
+                          help="replace an earlier run in the same folder (its simulated hospitals start afresh)")
     simulate.add_argument("--no-baselines", action="store_true", help="federated run only")
     simulate.set_defaults(handler=_simulate)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,40 @@ class SimulationPlan:
 
 class SimulationIncomplete(RuntimeError):
     """The simulated federation ended before its last round (the server app failed)."""
+
+
+class RunFolderInUse(RuntimeError):
+    """A new simulation was asked for in a folder that already holds a run."""
+
+
+_RUN_MARKERS = ("metrics.json", "checkpoints", "sites")
+
+
+def prepare_run_folder(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Make sure a new simulation does not inherit an old one's simulated hospitals.
+
+    The simulated hospitals keep their state (privacy ledger, local head, global layers) in
+    ``run_dir/sites``, exactly like real ones, so a second run in the same folder would start
+    with the first run's budget spent. ``--resume`` continues that run on purpose; otherwise the
+    folder must be new, or ``overwrite`` replaces it (only a folder that holds a fedtl run).
+
+    Raises:
+        RunFolderInUse: the folder holds a run and neither ``resume`` nor ``overwrite`` is set,
+            or ``overwrite`` is set for a folder that does not look like a fedtl run.
+    """
+    if resume or not run_dir.exists() or not any(run_dir.iterdir()):
+        return
+    if not any((run_dir / marker).exists() for marker in _RUN_MARKERS):
+        raise RunFolderInUse(
+            f"{run_dir} is not empty and holds no fedtl run; choose another folder with --out"
+        )
+    if not overwrite:
+        raise RunFolderInUse(
+            f"{run_dir} already holds a run, and its simulated hospitals have spent privacy budget there; "
+            "pass --resume to continue it, --overwrite to replace it, or --out for a new folder"
+        )
+    logger.info("replacing the earlier run in %s", run_dir)
+    shutil.rmtree(run_dir)
 
 
 def synthetic_sites(plan: SimulationPlan) -> dict[int, SiteSettings]:
