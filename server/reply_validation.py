@@ -461,8 +461,10 @@ def _read_scales(
                 where, f"must be one float32 scalar, got dtype {array.dtype} with shape {array.shape}"
             )
         value = float(array.reshape(()))
-        if not math.isfinite(value) or value < 0:
-            raise _Invalid(where, f"scale must be finite and non-negative, got {value}")
+        if not math.isfinite(value):
+            raise _Invalid(where, "contains NaN or Inf values")
+        if value < 0:
+            raise _Invalid(where, f"scale must be non-negative, got {value}")
         scales[key] = value
     return scales
 

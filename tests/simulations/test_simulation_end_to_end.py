@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from client.client_app import make_client_app
@@ -83,7 +83,8 @@ def test_resume_after_an_interrupted_run_continues_from_the_last_completed_round
 
 
 class _GarbageSite:
-    """Wraps the real ClientApp; one partition answers train with NaN tensors."""
+    """Wraps the real ClientApp; one partition answers train with NaN in every floating-point tensor
+    (with the default int8 encoding: the per-tensor scales; int8 codes cannot be NaN)."""
 
     def __init__(self, real: ClientApp, bad_partition: int) -> None:
         self.real, self.bad = real, bad_partition
@@ -91,9 +92,13 @@ class _GarbageSite:
     def __call__(self, msg: Message, context: Context) -> Message:
         reply = self.real(msg, context)
         if int(context.node_config["partition-id"]) == self.bad and wc.SHARED in reply.content:
-            tensors = reply.content[wc.SHARED].to_numpy_ndarrays()
-            poisoned = {key: np.full_like(array, np.nan) for key, array in zip(reply.content[wc.SHARED].keys(), tensors)}
-            reply.content[wc.SHARED] = ArrayRecord({k: __import__("flwr").app.Array(v) for k, v in poisoned.items()})
+            for name in (wc.SHARED, wc.SHARED_SCALE):
+                if name not in reply.content:
+                    continue
+                record = reply.content[name]
+                poisoned = {key: np.full_like(array, np.nan) if np.issubdtype(array.dtype, np.floating) else array
+                            for key, array in zip(record.keys(), record.to_numpy_ndarrays())}
+                reply.content[name] = ArrayRecord({k: Array(v) for k, v in poisoned.items()})
         return reply
 
 

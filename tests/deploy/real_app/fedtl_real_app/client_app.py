@@ -2,8 +2,10 @@
 corrupts the SHARED tensors of its train replies after the real app built them.
 
 ``fault`` is a comma-separated list of modes, used in turn by server round (round 1 takes the
-first): ``nan`` fills every tensor with NaN, ``shape`` appends one element to every tensor
-(so no shape matches the global model). Sites without ``fault`` behave exactly like production.
+first): ``nan`` fills every floating-point tensor with NaN (with the int8 encoding those are
+the per-tensor scales in SHARED_SCALE: int8 codes cannot be NaN), ``shape`` appends one element
+to every SHARED tensor (so no shape matches the global model). Sites without ``fault`` behave
+exactly like production.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def fault_for_round(node_config: dict[str, object], server_round: int) -> str | 
 def corrupt(tensors: dict[str, np.ndarray], mode: str) -> dict[str, np.ndarray]:
     """Every tensor made unusable the way ``mode`` says (dtype kept, so only the fault differs)."""
     if mode == "nan":
-        return {key: np.full_like(value, np.nan) for key, value in tensors.items()}
+        return {key: np.full_like(value, np.nan) if np.issubdtype(value.dtype, np.floating) else value
+                for key, value in tensors.items()}
     return {key: np.append(value.ravel(), value.ravel()[:1]).astype(value.dtype) for key, value in tensors.items()}
 
 
@@ -51,9 +54,11 @@ def train(msg: Message, context: Context) -> Message:
     mode = fault_for_round(dict(context.node_config), server_round)
     if mode is None or reply.has_error() or wc.SHARED not in reply.content:
         return reply
-    record = reply.content[wc.SHARED]
-    tensors = dict(zip(record.keys(), record.to_numpy_ndarrays()))
-    reply.content[wc.SHARED] = ArrayRecord({key: Array(value) for key, value in corrupt(tensors, mode).items()})
+    names = [wc.SHARED] + ([wc.SHARED_SCALE] if mode == "nan" and wc.SHARED_SCALE in reply.content else [])
+    for name in names:
+        record = reply.content[name]
+        tensors = dict(zip(record.keys(), record.to_numpy_ndarrays()))
+        reply.content[name] = ArrayRecord({key: Array(value) for key, value in corrupt(tensors, mode).items()})
     logger.warning("test fault: round %d train reply carries %s tensors", server_round, mode)
     return reply
 
