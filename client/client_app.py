@@ -55,15 +55,10 @@ def make_client_app(directory: SiteDirectory | None = None) -> ClientApp:
         settings = settings_from_node_config(context.node_config, directory)
         config_record = msg.content[wc.CONFIG]
         server_round = int(config_record[wc.CONFIG_ROUND])
-        received = _receive_global(msg, settings)
-        if isinstance(received, Message):
-            return received
-        version_id, reference = received
-        try:
-            session = _session(settings, config_record)
-        except BackboneMissing:
-            return _reply(msg, settings, wc.STATUS_NEED_BACKBONE, global_id=version_id)
-        session.load_shared(reference)
+        ready = _ready_session(msg, settings)
+        if isinstance(ready, Message):
+            return ready
+        session, version_id, reference = ready
         ledger = None
         metrics_privacy = {"epsilon": 0.0, "delta": 0.0}
         if session.config.privacy.enabled:
@@ -94,16 +89,10 @@ def make_client_app(directory: SiteDirectory | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         settings = settings_from_node_config(context.node_config, directory)
-        config_record = msg.content[wc.CONFIG]
-        received = _receive_global(msg, settings)
-        if isinstance(received, Message):
-            return received
-        version_id, weights = received
-        try:
-            session = _session(settings, config_record)
-        except BackboneMissing:
-            return _reply(msg, settings, wc.STATUS_NEED_BACKBONE, global_id=version_id)
-        session.load_shared(weights)
+        ready = _ready_session(msg, settings)
+        if isinstance(ready, Message):
+            return ready
+        session, version_id, _weights = ready
         metrics = session.evaluate()
         privacy = {"epsilon": 0.0, "delta": 0.0}
         if session.config.privacy.enabled and session.state.ledger_path.exists():
@@ -112,6 +101,23 @@ def make_client_app(directory: SiteDirectory | None = None) -> ClientApp:
         return _reply(msg, settings, wc.STATUS_OK, global_id=version_id, metrics={**metrics, **privacy})
 
     return app
+
+
+def _ready_session(
+    msg: Message, settings: SiteSettings
+) -> tuple[SiteSession, str, dict[str, torch.Tensor]] | Message:
+    """The site's session holding the global layers the message announces, with their id and weights,
+    or the reply to send instead (``need-global`` or ``need-backbone``)."""
+    received = _receive_global(msg, settings)
+    if isinstance(received, Message):
+        return received
+    version_id, weights = received
+    try:
+        session = _session(settings, msg.content[wc.CONFIG])
+    except BackboneMissing:
+        return _reply(msg, settings, wc.STATUS_NEED_BACKBONE, global_id=version_id)
+    session.load_shared(weights)
+    return session, version_id, weights
 
 
 def _receive_global(msg: Message, settings: SiteSettings) -> tuple[str, dict[str, torch.Tensor]] | Message:

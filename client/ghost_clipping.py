@@ -179,6 +179,63 @@ class DirectWeightGradients:
             capture.clear()
 
 
+class TrainableInputLeaves:
+    """Makes the inputs of the first trainable layers the leaves the pruned first pass differentiates to.
+
+    A forward pre-hook on every layer that holds trainable parameters replaces each floating-point
+    positional input that does not already require gradients (it comes from frozen layers, the
+    cached trunk or the clinical values) by a detached copy that does, and records it. Inputs
+    produced by earlier trainable layers are left alone. So the first pass propagates exactly as
+    far down as the trainable layers, like Opacus' stock backward: a frozen block inside the tail
+    (``layer4.0`` when only ``layer4.1`` is shared) or a frozen trunk the tail still runs (no trunk
+    cache) costs its forward only. Values are unchanged, so are the activations Opacus captures.
+
+    Use :meth:`attach` on the tail, :meth:`start_batch` before each forward, :meth:`leaves` for
+    :func:`ghost_clipped_backward`, and :meth:`close` at the end.
+    """
+
+    def __init__(self) -> None:
+        self._leaves: list[torch.Tensor] = []
+        self._handles: list[RemovableHandle] = []
+
+    @classmethod
+    def attach(cls, module: nn.Module) -> TrainableInputLeaves:
+        """Hook every submodule of ``module`` that has trainable parameters of its own."""
+        tracker = cls()
+        for layer in module.modules():
+            if any(p.requires_grad for p in layer.parameters(recurse=False)):
+                tracker._handles.append(layer.register_forward_pre_hook(tracker._pre_hook))
+        return tracker
+
+    def _pre_hook(self, layer: nn.Module, args: tuple[object, ...]) -> tuple[object, ...] | None:
+        if not (layer.training and torch.is_grad_enabled()):
+            return None
+        changed = False
+        new_args = []
+        for arg in args:
+            if isinstance(arg, torch.Tensor) and arg.is_floating_point() and not arg.requires_grad and arg.numel():
+                arg = arg.detach().requires_grad_(True)
+                self._leaves.append(arg)
+                changed = True
+            new_args.append(arg)
+        return tuple(new_args) if changed else None
+
+    def start_batch(self) -> None:
+        """Forget the previous batch's leaves (call before each forward)."""
+        self._leaves = []
+
+    def leaves(self) -> list[torch.Tensor]:
+        """The leaves the latest forward made."""
+        return list(self._leaves)
+
+    def close(self) -> None:
+        """Remove the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._leaves = []
+
+
 def _weight_and_bias_gradients(
     layer: nn.Module, inputs: torch.Tensor, grad_out: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import common.conv_norm_samplers  # noqa: F401 - registers Opacus norm samplers for convolutions
 from client.fused_noise_optimizer import use_fused_noise
-from client.ghost_clipping import DirectWeightGradients, ghost_clipped_backward
+from client.ghost_clipping import DirectWeightGradients, TrainableInputLeaves, ghost_clipped_backward
 from client.privacy_budget import PrivacyLedger
 from client.proximal import dp_step_with_proximal
 from common.config import PrivacyConfig, TrainingConfig
@@ -107,6 +107,7 @@ def train_tail(
 
     fast_ghost = dp_module is not None and privacy.grad_sample_mode == "ghost"
     direct = DirectWeightGradients.attach(tail) if fast_ghost else None
+    input_leaves = TrainableInputLeaves.attach(tail) if fast_ghost else None
     losses: list[float] = []
     steps = 0
     try:
@@ -122,13 +123,12 @@ def train_tail(
                     batch_clinical = batch_clinical.to(device)
                     if augment is not None:
                         batch_inputs = augment(batch_inputs)
-                    leaves: list[torch.Tensor] = []
-                    if fast_ghost:
-                        batch_inputs, batch_clinical, leaves = _as_input_leaves(batch_inputs, batch_clinical)
+                    if input_leaves is not None:
+                        input_leaves.start_batch()
                     logits = model_call(batch_inputs, batch_clinical)
                     loss = criterion(logits, batch_labels.to(device))
-                    if fast_ghost:
-                        ghost_clipped_backward(loss, dp_module, leaves, direct)
+                    if input_leaves is not None:
+                        ghost_clipped_backward(loss, dp_module, input_leaves.leaves(), direct)
                     else:
                         loss.backward()
                     losses.append(float(loss.item()))
@@ -137,33 +137,14 @@ def train_tail(
     finally:
         if direct is not None:
             direct.close()
+        if input_leaves is not None:
+            input_leaves.close()
         if dp_module is not None:
             dp_module._close()  # remove Opacus hooks so the next round does not stack them
         if ledger is not None and engine is not None:
             ledger.record(engine.accountant)
     mean_loss = sum(losses) / len(losses) if losses else float("nan")
     return TrainingOutcome(mean_loss=mean_loss, steps=steps, num_examples=len(inputs))
-
-
-def _as_input_leaves(
-    inputs: torch.Tensor, clinical: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """The tail's float inputs as gradient-requiring leaves, for the pruned ghost backward.
-
-    Args:
-        inputs: the batch of cached trunk features (after augmentation).
-        clinical: the batch's clinical values; an empty ``(n, 0)`` tensor when the model has none.
-
-    Returns:
-        ``(inputs, clinical, leaves)``: the tensors to feed the tail and those of them that are
-        leaves requiring gradients (clinical only when it holds values).
-    """
-    inputs = inputs.detach().requires_grad_(True)
-    leaves = [inputs]
-    if clinical.numel() > 0 and clinical.is_floating_point():
-        clinical = clinical.detach().requires_grad_(True)
-        leaves.append(clinical)
-    return inputs, clinical, leaves
 
 
 def random_flip_and_shift(max_shift: int = 4) -> Augment:

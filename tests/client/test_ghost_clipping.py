@@ -21,7 +21,12 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 
 import common.conv_norm_samplers  # noqa: F401 - the convolution norm samplers train_tail uses
-from client.ghost_clipping import DirectWeightGradients, GhostClippingError, ghost_clipped_backward
+from client.ghost_clipping import (
+    DirectWeightGradients,
+    GhostClippingError,
+    TrainableInputLeaves,
+    ghost_clipped_backward,
+)
 from client import local_training
 from client.local_training import train_tail
 from client.privacy_budget import PrivacyLedger, sample_rate_for, steps_per_epoch
@@ -107,12 +112,13 @@ def per_sample_norms_by_loop(tail: nn.Module, batch: Batch) -> torch.Tensor:
 
 def ghost_gradients(
     tail: nn.Module, batch: Batch, max_grad_norm: float, *, pruned: bool, loss_reduction: str = "mean",
-    direct: bool = False,
+    direct: bool = False, tracked: bool = False,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """``p.grad`` after one ghost-clipping backward and the per-sample norms.
 
     ``pruned=False``: Opacus' stock backward; ``pruned=True``: ``ghost_clipped_backward`` with a
-    second pass, or with ``direct=True`` with the weight gradients computed directly.
+    second pass, or with ``direct=True`` with the weight gradients computed directly; ``tracked=True``
+    takes the leaves from ``TrainableInputLeaves`` (as ``train_tail`` does) instead of the tail's inputs.
     """
     h, clinical, labels = batch
     trainable = {name: p for name, p in tail.named_parameters() if p.requires_grad}
@@ -120,6 +126,7 @@ def ghost_gradients(
                                                      use_ghost_clipping=True)
     capture = DirectWeightGradients.attach(tail) if direct else None
     assert capture is not None or not direct, "direct weight gradients declined a conv/linear tail"
+    tracker = TrainableInputLeaves.attach(tail) if tracked else None
     try:
         optimizer = DPOptimizerFastGradientClipping(
             torch.optim.SGD(list(trainable.values()), lr=0.1), noise_multiplier=0.0, max_grad_norm=max_grad_norm,
@@ -128,7 +135,11 @@ def ghost_gradients(
         criterion = DPLossFastGradientClipping(dp_module, optimizer, nn.CrossEntropyLoss(reduction=loss_reduction),
                                                loss_reduction)
         optimizer.zero_grad(set_to_none=True)
-        if pruned:
+        if pruned and tracker is not None:
+            tracker.start_batch()
+            loss = criterion(dp_module(h, clinical), labels)
+            ghost_clipped_backward(loss, dp_module, tracker.leaves(), capture)
+        elif pruned:
             leaves = [h.detach().requires_grad_(True), clinical.detach().requires_grad_(True)]
             ghost_clipped_backward(criterion(dp_module(*leaves), labels), dp_module, leaves, capture)
             assert all(leaf.grad is None for leaf in leaves), "the pruned backward must not fill the inputs' .grad"
@@ -139,6 +150,8 @@ def ghost_gradients(
     finally:
         if capture is not None:
             capture.close()
+        if tracker is not None:
+            tracker.close()
         dp_module._close()
         for p in trainable.values():
             p.grad = None
@@ -303,18 +316,65 @@ def test_train_tail_in_ghost_mode_trains_like_hooks_mode_with_the_same_seed(tmp_
         torch.testing.assert_close(ghost[name], hooks[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_train_tail_in_ghost_mode_refuses_a_layer_that_does_not_see_the_inputs(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    tail = TailWithConstantBranch()
-    ledger = PrivacyLedger.load_or_create(tmp_path / "ledger.json", target_epsilon=8.0, delta=1e-3,
-                                          sample_rate=sample_rate_for(8, 4), planned_steps=10)
-    with warnings.catch_warnings(), pytest.raises(GhostClippingError, match=r"offset\.weight"):
-        warnings.simplefilter("ignore")
-        train_tail(
-            tail, torch.randn(8, 4), torch.zeros(8, 0), torch.randint(0, 3, (8,)),
-            named_shared=list(tail.named_parameters()), named_local=[],
-            training=TrainingConfig(batch_size=4, local_epochs=1),
-            privacy=PrivacyConfig(enabled=True, target_delta=1e-3, grad_sample_mode="ghost"),
-            ledger=ledger, global_shared=None, proximal_mu=0.0, class_weights=None,
-            device=torch.device("cpu"), seed=0,
-        )
+@pytest.mark.parametrize("make", [tiny_batch, resnet18_batch], ids=["conv_linear_tail", "resnet18_tail"])
+@pytest.mark.parametrize("direct", [False, True], ids=["second_pass", "direct_weight_gradients"])
+def test_leaves_at_the_first_trainable_layers_give_opacus_stock_ghost_gradients(make, direct: bool) -> None:
+    tail, batch = make()
+    max_grad_norm = _clip_between_smallest_and_largest(tail, batch)
+    stock, stock_norms = ghost_gradients(tail, batch, max_grad_norm, pruned=False)
+    tracked, tracked_norms = ghost_gradients(tail, batch, max_grad_norm, pruned=True, direct=direct, tracked=True)
+    torch.testing.assert_close(tracked_norms, stock_norms, rtol=1e-6, atol=1e-9)
+    _assert_same_gradients(tracked, stock, rtol=1e-5)
+
+
+def test_the_first_pass_stops_where_the_trainable_layers_start_not_at_the_tail_input() -> None:
+    """Default resnet18 policy: the tail starts at layer4 but only layer4.1 (and the head) train, so the
+    leaves are layer4.1's input and the clinical values; frozen layer4.0 runs forward only."""
+    tail, (features, clinical, _labels) = resnet18_batch()
+    tracker = TrainableInputLeaves.attach(tail)
+    try:
+        tracker.start_batch()
+        tail(features, clinical)
+        shapes = sorted(tuple(leaf.shape) for leaf in tracker.leaves())
+    finally:
+        tracker.close()
+    with torch.no_grad():
+        block_input = tail.stages["layer4"][0](features)
+    assert shapes == sorted([tuple(block_input.shape), tuple(clinical.shape)])
+    assert tuple(features.shape) not in shapes
+
+
+def test_train_tail_in_ghost_mode_clips_a_layer_fed_by_a_constant_like_opacus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trainable layer whose input depends on no image still gets its per-sample norm and clipping."""
+
+    def run(directory: Path) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        tail = TailWithConstantBranch()
+        ledger = PrivacyLedger.load_or_create(directory / "ledger.json", target_epsilon=8.0, delta=1e-3,
+                                              sample_rate=sample_rate_for(8, 4), planned_steps=10)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            train_tail(
+                tail, torch.randn(8, 4, generator=torch.Generator().manual_seed(1)), torch.zeros(8, 0),
+                torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]),
+                named_shared=list(tail.named_parameters()), named_local=[],
+                training=TrainingConfig(batch_size=4, local_epochs=1),
+                privacy=PrivacyConfig(enabled=True, target_delta=1e-3, grad_sample_mode="ghost"),
+                ledger=ledger, global_shared=None, proximal_mu=0.0, class_weights=None,
+                device=torch.device("cpu"), seed=0,
+            )
+        return {n: p.detach().clone() for n, p in tail.named_parameters()}
+
+    (tmp_path / "pruned").mkdir()
+    (tmp_path / "stock").mkdir()
+    pruned = run(tmp_path / "pruned")
+
+    def stock_backward(loss, dp_module, input_leaves, direct=None) -> None:  # noqa: ANN001 - Opacus' own backward
+        loss.backward()
+
+    monkeypatch.setattr(local_training, "ghost_clipped_backward", stock_backward)
+    stock = run(tmp_path / "stock")
+    for name in stock:
+        torch.testing.assert_close(pruned[name], stock[name], rtol=1e-5, atol=1e-7, msg=name)
