@@ -20,7 +20,14 @@ from simulations.simulate import SimulationIncomplete, SimulationPlan, run_feder
 pytestmark = pytest.mark.slow
 
 
-def tiny_plan(tmp_path: Path, rounds: int = 2, **privacy: object) -> SimulationPlan:
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic hospitals and the pretrained backbone, made once for the module (as ``runs/.cache`` is
+    shared by runs); each test's hospitals keep their state in its own run folder."""
+    return tmp_path_factory.mktemp("simulation-cache")
+
+
+def tiny_plan(tmp_path: Path, cache: Path, rounds: int = 2, **privacy: object) -> SimulationPlan:
     config = FederationConfig.from_dict({
         "name": "tiny",
         "model": {"architecture": "resnet18", "image_size": 32},
@@ -29,11 +36,11 @@ def tiny_plan(tmp_path: Path, rounds: int = 2, **privacy: object) -> SimulationP
         "training": {"rounds": rounds, "local_epochs": 1, "batch_size": 16, "device": "cpu"},
     })
     return SimulationPlan(config=config, run_dir=tmp_path / "run", num_sites=3, site_scale=0.15,
-                          cache_root=tmp_path / "cache")
+                          cache_root=cache)
 
 
-def test_a_small_federation_runs_every_round_and_records_each_site(tmp_path: Path) -> None:
-    plan = tiny_plan(tmp_path)
+def test_a_small_federation_runs_every_round_and_records_each_site(tmp_path: Path, shared_cache: Path) -> None:
+    plan = tiny_plan(tmp_path, shared_cache)
     metrics = run_federated(plan)
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
     for record in metrics["rounds"]:
@@ -59,10 +66,12 @@ def test_a_small_federation_runs_every_round_and_records_each_site(tmp_path: Pat
         assert row["bytes_sent"] == row["bytes_received"] > 0, site
 
 
-def test_resume_after_an_interrupted_run_continues_from_the_last_completed_round(tmp_path: Path, monkeypatch) -> None:
+def test_resume_after_an_interrupted_run_continues_from_the_last_completed_round(
+    tmp_path: Path, shared_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import server.federation_loop as loop
 
-    plan = tiny_plan(tmp_path, rounds=2)
+    plan = tiny_plan(tmp_path, shared_cache, rounds=2)
     real_save = loop.save_checkpoint
 
     def crash_in_round_two(run_dir, server_round, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -102,8 +111,10 @@ class _GarbageSite:
         return reply
 
 
-def test_one_site_returning_garbage_is_dropped_and_the_rounds_go_on(tmp_path: Path, monkeypatch) -> None:
-    plan = tiny_plan(tmp_path)
+def test_one_site_returning_garbage_is_dropped_and_the_rounds_go_on(
+    tmp_path: Path, shared_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plan = tiny_plan(tmp_path, shared_cache)
     sites = synthetic_sites(plan)
     real = make_client_app(sites)
     wrapper = _GarbageSite(real, bad_partition=1)
