@@ -34,6 +34,7 @@ class GlobalBroadcast:
         self.encoding = encoding
         weights = {name: tensor.detach().to("cpu", torch.float32).clone() for name, tensor in initial.items()}
         self._current = PublishedVersion(weights=weights, version_id=global_id(weights), delta=None)
+        self._full: Downlink | None = None  # the current version's full-weights downlink, built once
         self._held: dict[int, str] = {}
 
     @property
@@ -52,6 +53,7 @@ class GlobalBroadcast:
         which differ from ``new_global`` by at most the encoding's rounding.
         """
         self._current = encode_downlink(new_global, self._current.weights, self._current.version_id, self.encoding)
+        self._full = None
         return self._current.weights
 
     def downlink_for(self, node: int) -> Downlink:
@@ -62,7 +64,9 @@ class GlobalBroadcast:
             return Downlink.nothing(current.version_id)
         if current.delta is not None and held == current.delta.base_id:
             return current.delta
-        return Downlink.full(current.weights, current.version_id)
+        if self._full is None:  # one copy per version, however many sites need the full weights
+            self._full = Downlink.full(current.weights, current.version_id)
+        return self._full
 
     def note_reply(self, node: int, reply: Message) -> None:
         """Learn from a reply's STATUS which version ``node`` holds now (forget it when unsure)."""
