@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from common.memory_budget import STORAGE_CHOICES
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_RUNTIME_PORT = 9094
@@ -53,6 +55,8 @@ class HospitalSettings:
     state_dir : the site's persistent state (privacy ledger, local head, backbone cache, FLWR_HOME).
     site_name : a name for logs and health output.
     device : ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+    storage : ``auto``, ``memory`` or ``disk``: where the site's decoded images and trunk features
+        live while it trains (``disk``: memory-mapped files in the state dir).
     runtime_port : loopback port of the SuperNode's Runtime API; must differ between sites that
         share a machine; ``0`` picks a free one at start.
     max_retries / max_wait_time : reconnection limits; ``None`` retries forever (Flower's default).
@@ -65,6 +69,7 @@ class HospitalSettings:
     state_dir: Path
     site_name: str
     device: str = "auto"
+    storage: str = "auto"
     runtime_port: int = DEFAULT_RUNTIME_PORT
     max_retries: int | None = None
     max_wait_time: float | None = None
@@ -122,6 +127,7 @@ def node_config_toml(settings: HospitalSettings) -> str:
         "state-dir": str(settings.state_dir.resolve()),
         "site-name": settings.site_name,
         "device": settings.device,
+        "storage": settings.storage,
     }
     # A JSON string literal is a valid TOML basic string (same escapes).
     return "".join(f'"{key}" = {json.dumps(value)}\n' for key, value in values.items())
@@ -231,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--site-name", required=True, help="name of this site (logs, health output)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument(
+        "--storage",
+        default="auto",
+        choices=STORAGE_CHOICES,
+        help="where decoded images and trunk features live while training: 'memory', 'disk' (memory-mapped "
+        "files in the state dir) or 'auto' (disk when they would take over a quarter of the free memory)",
+    )
+    parser.add_argument(
         "--runtime-port",
         type=int,
         default=DEFAULT_RUNTIME_PORT,
@@ -263,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         state_dir=args.state_dir,
         site_name=args.site_name,
         device=args.device,
+        storage=args.storage,
         runtime_port=args.runtime_port,
         max_retries=args.max_retries,
         max_wait_time=args.max_wait_time,

@@ -20,7 +20,7 @@ from client.local_training import TrainingOutcome, random_flip_and_shift, train_
 from client.privacy_budget import PrivacyLedger, default_delta, sample_rate_for, steps_per_epoch
 from client.site_settings import SiteSettings
 from client.site_state import SiteState
-from client.trunk_feature_cache import cached_trunk_features
+from client.trunk_feature_cache import split_trunk_features
 from common.backbones import FedModel, build_backbone, first_trainable_stage
 from common.config import FederationConfig
 from common.image_preprocessing import Preprocessing
@@ -96,6 +96,7 @@ class SiteSession:
             class_names=config.model.class_names,
             clinical_features=config.model.clinical_features,
             frame_policy=config.data.frame_policy,
+            storage=settings.storage,
         )
         if data.skipped:
             logger.warning("[%s] %d file(s) skipped as unreadable (see the data-quality report)",
@@ -105,14 +106,17 @@ class SiteSession:
         )
         use_cache = config.training.trunk_cache == "auto" and not config.training.augmentation
         boundary = first_trainable_stage(model, policy) if use_cache else 0
-        features = cached_trunk_features(
+        inputs = split_trunk_features(
             model,
             data.images,
+            train_idx=train_idx,
+            test_idx=test_idx,
             boundary=boundary,
             fingerprint=fingerprint,
             preprocessing_key=preprocessing.key(),
             cache_dir=state.features_dir,
             device=device,
+            storage=settings.storage,
         )
         session = cls(
             settings=settings,
@@ -121,14 +125,14 @@ class SiteSession:
             model=model,
             groups=groups,
             boundary=boundary,
-            train=_take(features, data, train_idx),
-            test=_take(features, data, test_idx),
+            train=_take(inputs.train, data, train_idx),
+            test=_take(inputs.test, data, test_idx),
             skipped_files=len(data.skipped),
             state=state,
         )
         session._named = dict(model.named_parameters())
-        logger.info("[%s] ready: %d train / %d test images, trunk cut at stage %d",
-                    settings.site_name, len(train_idx), len(test_idx), boundary)
+        logger.info("[%s] ready: %d train / %d test images, trunk cut at stage %d, inputs in %s",
+                    settings.site_name, len(train_idx), len(test_idx), boundary, inputs.storage)
         return session
 
     # ---- federation steps ---------------------------------------------------------------
@@ -209,9 +213,10 @@ class SiteSession:
         return classification_metrics(torch.cat(logits), self.test.labels, self.config.model.num_classes)
 
 
-def _take(features: torch.Tensor, data: SiteData, index: list[int] | torch.Tensor) -> _Split:
+def _take(inputs: torch.Tensor, data: SiteData, index: list[int] | torch.Tensor) -> _Split:
+    """A split: its tail inputs (already in split order) with its rows of clinical values and labels."""
     idx = torch.as_tensor(index, dtype=torch.long)
-    return _Split(inputs=features[idx], clinical=data.clinical[idx].float(), labels=data.labels[idx].long())
+    return _Split(inputs=inputs, clinical=data.clinical[idx].float(), labels=data.labels[idx].long())
 
 
 def _site_seed(seed: int, site_name: str) -> int:

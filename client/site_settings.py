@@ -14,6 +14,8 @@ from typing import Mapping
 
 import torch
 
+from common.memory_budget import Storage, check_storage
+
 logger = logging.getLogger(__name__)
 
 
@@ -30,6 +32,7 @@ class SiteSettings:
     state_dir: Path
     device: str = "auto"
     decoded_cache_dir: Path | None = None  # default: <state_dir>/decoded; safe to share (keyed by file content)
+    storage: Storage = "auto"  # images and trunk features in RAM, or memory-mapped on disk (common.memory_budget)
 
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)
@@ -55,6 +58,7 @@ def settings_from_node_config(
             manifest=Path(str(node_config["manifest"])),
             state_dir=Path(str(node_config["state-dir"])),
             device=str(node_config.get("device", "auto")),
+            storage=_storage_setting(node_config.get("storage", "auto")),
         )
     if "partition-id" in node_config and directory is not None:
         partition = int(node_config["partition-id"])  # type: ignore[arg-type]
@@ -64,6 +68,16 @@ def settings_from_node_config(
     raise SiteSettingsError(
         "this SuperNode has no fedtl site settings: pass --node-config with manifest, state-dir and site-name"
     )
+
+
+def _storage_setting(value: object) -> Storage:
+    try:
+        return check_storage(str(value))
+    except ValueError as exc:
+        raise SiteSettingsError(
+            f"node config 'storage': {exc}; 'disk' keeps images and trunk features memory-mapped on the "
+            "site's disk, 'memory' in RAM, 'auto' decides by the memory available"
+        ) from exc
 
 
 def resolve_device(requested: str) -> torch.device:

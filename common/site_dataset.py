@@ -1,9 +1,13 @@
-"""Load a site's images into memory as tensors, skipping (never stopping on) unreadable files.
+"""Load a site's images as tensors, skipping (never stopping on) unreadable files.
 
 Each image is decoded once and kept in the site's decoded-image cache, so a later epoch,
 round or restart only reads small .npy files. A file that cannot be read is skipped with
 its reason (``SiteData.skipped``); the reasons name the file and the fix and never carry a
 DICOM header value.
+
+The images are held in memory, or, with ``storage="disk"`` (or ``"auto"`` when they would take
+more than a quarter of the memory available), in a memory-mapped scratch file on the site's disk
+that disappears with the last tensor viewing it (``common.row_files``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from tqdm.auto import tqdm
 from common.decoded_image_cache import DecodedImageCache
 from common.dicom_reader import FramePolicy, UnreadableImageError
 from common.image_preprocessing import Preprocessing
+from common.memory_budget import Storage, resolve_storage
+from common.row_files import scratch_rows
 from common.site_manifest import load_manifest
 
 logger = logging.getLogger(__name__)
@@ -29,7 +35,7 @@ logger = logging.getLogger(__name__)
 class SiteData:
     """A site's usable images, in manifest order.
 
-    images: (N, C, S, S) float32, normalised.
+    images: (N, C, S, S) float32, normalised (in memory, or memory-mapped: see the module docstring).
     labels: (N,) int64 class indices into ``class_names``.
     clinical: (N, K) float32 clinical values (missing values filled with the site mean).
     patient_ids: local patient ids (never logged, never sent; hidden from repr).
@@ -81,6 +87,7 @@ def load_site_dataset(
     clinical_features: Sequence[str] = (),
     frame_policy: FramePolicy = "middle",
     show_progress: bool = True,
+    storage: Storage = "memory",
 ) -> SiteData:
     """Read every image of a site's manifest.
 
@@ -91,19 +98,27 @@ def load_site_dataset(
     clinical_features: numeric manifest columns to load, in order.
     frame_policy: which frame of multi-frame DICOM files ("middle" or "first").
     show_progress: draw a tqdm bar while decoding.
+    storage: "memory", "disk" (a memory-mapped scratch file under ``cache_dir``) or "auto".
 
     Raises ManifestError for a wrong manifest; never raises for an unreadable image.
     """
     manifest = load_manifest(manifest_path, class_names, clinical_features)
     cache = DecodedImageCache(cache_dir, preprocessing, frame_policy)
-    fitted: list[np.ndarray] = []
+    size, channels = preprocessing.image_size, preprocessing.in_channels
+    row_shape = (channels, size, size)
+    nbytes = len(manifest) * channels * size * size * 4
+    where = resolve_storage(storage, nbytes, f"the {len(manifest)} decoded images")
+    if where == "disk":
+        images = scratch_rows(cache.folder, len(manifest), row_shape)
+    else:
+        images = torch.empty((len(manifest), *row_shape), dtype=torch.float32)
     kept = []
     skipped: list[tuple[str, str]] = []
     bar = tqdm(manifest.entries, desc="decoding images", unit="img", disable=not show_progress, leave=False)
     for entry in bar:
         shown = manifest.display_path(entry)
         try:
-            fitted.append(cache.load(entry.path))
+            images[len(kept)] = preprocessing.normalise(cache.load(entry.path))
         except UnreadableImageError as exc:
             skipped.append((shown, exc.reason))
             logger.warning("skipping %s: %s", shown, exc.reason)
@@ -130,11 +145,8 @@ def load_site_dataset(
         cache.misses,
     )
 
-    size, channels = preprocessing.image_size, preprocessing.in_channels
-    if fitted:
-        images = preprocessing.normalise(np.stack(fitted))
-    else:
-        images = torch.zeros((0, channels, size, size), dtype=torch.float32)
+    if len(kept) < len(images):
+        images = images[: len(kept)] if where == "disk" else images[: len(kept)].clone()
     clinical = _clinical_matrix([e.clinical for e in kept], len(manifest.clinical_features))
     return SiteData(
         images=images,

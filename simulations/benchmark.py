@@ -430,6 +430,14 @@ def format_table(report: dict[str, Any]) -> str:
             phases = profile[name]
             shown = ", ".join(f"{k} {v:.1f}" for k, v in phases.items() if k != "step_total")
             lines.append(f"  {name:22s} total {phases['step_total']:7.1f}: {shown}")
+    storage = report.get("feature_storage")
+    if storage and "memory" in storage:
+        lines += ["", f"Trunk features of {storage['images']} images ({storage['memory']['features_mib']:.0f} MiB), "
+                      "RAM vs memory-mapped (one DP epoch):"]
+        for mode in ("memory", "disk"):
+            row = storage[mode]
+            lines.append(f"  {mode:7s} +{row['anon_mib_after_epoch']:6.1f} MiB anonymous, "
+                         f"+{row['file_mib_after_epoch']:6.1f} MiB file pages, {row['dp_epoch_images_per_s']:6.1f} images/s")
     gpu = report.get("gpu_extra")
     if gpu:
         lines += ["", f"GPU extra ({gpu['model']}): DP {gpu['fedtl_dp_images_per_s']:.0f} images/s, non-private "
@@ -497,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--site-scaling-sites", nargs="*", type=int, default=[10, 25, 50],
                         help="federation sizes of the whole-round scaling run (simulations.bench_site_scaling, "
                              "about 4 minutes on 2 cores); give none to skip it")
+    parser.add_argument("--storage-images", type=int, default=4096,
+                        help="site size of the feature-storage comparison, RAM against memory-mapped "
+                             "(simulations.bench_feature_storage, about 45 s on 2 cores); 0 skips it")
     parser.add_argument("--no-profile", action="store_true", help="skip the DP step breakdown")
     parser.add_argument("--in-process", action="store_true",
                         help="run every mode in this process (fast; memory peaks overlap): for tests and debugging")
@@ -542,6 +553,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from simulations.bench_site_scaling import measure as measure_site_scaling
 
         report["site_scaling"] = measure_site_scaling(sorted(args.site_scaling_sites))
+    if args.storage_images > 0:
+        from simulations.bench_feature_storage import measure as measure_feature_storage
+
+        report["feature_storage"] = measure_feature_storage(
+            args.storage_images, args.image_size, args.batch_size, in_process=args.in_process
+        )
     if args.gpu_extra:
         if device.type == "cuda":
             report["gpu_extra"] = measure_gpu_extra(spec, args.repeats, args.in_process)

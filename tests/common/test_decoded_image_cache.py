@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +153,24 @@ def test_site_dataset_loads_tensors_and_reuses_the_cache(tmp_path: Path, monkeyp
     again = load_site_dataset(manifest, **kwargs)  # type: ignore[arg-type]
     assert calls == []
     assert torch.equal(again.images, data.images)
+
+
+@pytest.mark.parametrize("storage", ["disk", "auto"])
+def test_site_images_kept_on_disk_equal_the_ones_kept_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, storage: str
+) -> None:
+    manifest = _site(tmp_path, 3)
+    (tmp_path / "site" / "img1.dcm").write_bytes(b"not dicom")
+    kwargs = dict(preprocessing=Preprocessing(16, 1), cache_dir=tmp_path / "cache", class_names=["normal", "finding"],
+                  show_progress=False)
+    in_memory = load_site_dataset(manifest, storage="memory", **kwargs)  # type: ignore[arg-type]
+    monkeypatch.setattr("common.memory_budget.available_memory_bytes", lambda: 1024)  # 'auto': memory is short
+    on_disk = load_site_dataset(manifest, storage=storage, **kwargs)  # type: ignore[arg-type]
+    assert torch.equal(on_disk.images, in_memory.images) and len(on_disk) == 2
+    assert not any(path.name.startswith(".scratch") for path in (tmp_path / "cache").rglob("*"))
+    if sys.platform.startswith("linux"):  # memory-mapped from an unlinked scratch file in the cache folder
+        mapped = Path("/proc/self/maps").read_text(encoding="ascii", errors="replace")
+        assert f"{tmp_path / 'cache'}" in mapped and ".scratch-" in mapped
 
 
 def test_unreadable_files_are_skipped_with_their_reason(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -15,7 +15,7 @@ from client.hospital_daemon import (
     prepare_site,
     supernode_env,
 )
-from client.site_settings import settings_from_node_config
+from client.site_settings import SiteSettingsError, settings_from_node_config
 from server.federation_pki import init_pki
 
 
@@ -33,6 +33,7 @@ def site(tmp_path: Path) -> HospitalSettings:
         state_dir=tmp_path / "state",
         site_name="north",
         device="cuda:1",
+        storage="disk",
         runtime_port=19094,
         max_retries=5,
         max_wait_time=600.0,
@@ -67,6 +68,12 @@ def test_node_config_file_reaches_the_client_app_intact_even_with_odd_paths(site
     assert settings.state_dir == site.state_dir.resolve()
     assert settings.site_name == "north"
     assert settings.device == "cuda:1"
+    assert settings.storage == "disk"
+
+
+def test_a_wrong_storage_setting_is_refused_with_the_accepted_values() -> None:
+    with pytest.raises(SiteSettingsError, match="'storage'.*'ram' is not one of auto, memory, disk"):
+        settings_from_node_config({"manifest": "/data/labels.csv", "state-dir": "/var/lib/fedtl", "storage": "ram"})
 
 
 def test_supernode_environment_turns_telemetry_and_update_check_off_and_isolates_flwr_home(site: HospitalSettings) -> None:

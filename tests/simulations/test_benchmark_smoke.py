@@ -16,7 +16,7 @@ from simulations.bench_coordinator import linear_fit
 TINY = [
     "--image-size", "32", "--batch-size", "8", "--train-images", "16", "--timed-epochs", "1",
     "--plain-steps", "1", "--repeats", "1", "--threads", "1", "--coordinator-sites", "2", "3",
-    "--coordinator-encoding", "int8", "--site-scaling-sites",
+    "--coordinator-encoding", "int8", "--site-scaling-sites", "--storage-images", "64",
     "--in-process",
 ]
 
@@ -117,3 +117,14 @@ def test_linear_fit_recovers_a_line_exactly() -> None:
     assert fit["slope_s_per_site"] == pytest.approx(0.1)
     assert fit["intercept_s"] == pytest.approx(0.5)
     assert fit["r2"] == pytest.approx(1.0)
+
+
+def test_feature_storage_compares_ram_with_memory_mapped_features_on_the_same_epoch(report: tuple[dict, Path]) -> None:
+    data, _ = report
+    storage = data["feature_storage"]
+    if "skipped" in storage:
+        pytest.skip(storage["skipped"])
+    assert storage["memory"]["storage"] == "memory" and storage["disk"]["storage"] == "disk"
+    for mode in ("memory", "disk"):
+        assert _positive(storage[mode]["dp_epoch_images_per_s"]), mode
+        assert storage[mode]["steps"] == storage["memory"]["steps"] > 0, mode
