@@ -111,3 +111,14 @@ def test_malformed_inputs_are_rejected_with_a_clear_message(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         classification_metrics(outputs, labels, 2)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auc_equals_the_trapezoidal_roc_area_with_tied_scores(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 40)
+    labels[:2] = [0, 1]
+    scores = rng.integers(0, 6, 40) / 5.0  # few distinct values: many ties
+    probabilities = np.stack([1 - scores, scores], axis=1)
+    metrics = classification_metrics(probabilities, labels, 2, scores="probabilities")
+    assert metrics["auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
