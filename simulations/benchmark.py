@@ -436,8 +436,9 @@ def format_table(report: dict[str, Any]) -> str:
                       "RAM vs memory-mapped (one DP epoch):"]
         for mode in ("memory", "disk"):
             row = storage[mode]
-            lines.append(f"  {mode:7s} +{row['anon_mib_after_epoch']:6.1f} MiB anonymous, "
-                         f"+{row['file_mib_after_epoch']:6.1f} MiB file pages, {row['dp_epoch_images_per_s']:6.1f} images/s")
+            lines.append(f"  {mode:7s} anonymous +{row['anon_mib_after_open']:6.1f} MiB after opening, "
+                         f"+{row['anon_mib_after_epoch']:6.1f} MiB after the epoch; file pages "
+                         f"+{row['file_mib_after_epoch']:6.1f} MiB; {row['dp_epoch_images_per_s']:6.1f} images/s")
     gpu = report.get("gpu_extra")
     if gpu:
         lines += ["", f"GPU extra ({gpu['model']}): DP {gpu['fedtl_dp_images_per_s']:.0f} images/s, non-private "
