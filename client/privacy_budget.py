@@ -19,8 +19,9 @@ pick a target epsilon of (patient budget / largest k).
 How the budget is spent
 -----------------------
 * The noise multiplier is chosen ONCE, for all planned steps of the federation
-  (``rounds x local_epochs x steps_per_epoch``), by :func:`plan_noise`. It is never re-planned:
-  re-planning every round (``make_private_with_epsilon``) spends the whole budget every round.
+  (``rounds x local_epochs x steps_per_epoch``), by ``client.privacy_plan.plan_noise``. It is
+  never re-planned: re-planning every round (``make_private_with_epsilon``) spends the whole
+  budget every round.
 * The :class:`PrivacyLedger` keeps the accountant's history (``(noise_multiplier, sample_rate,
   steps)`` triples) in ``ledger.json``. Every epsilon it reports is cumulative over all rounds
   and process restarts.
@@ -48,35 +49,34 @@ moment it is called, so the restored accountant must be in place BEFORE ``make_p
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from opacus.accountants import create_accountant
 from opacus.accountants.accountant import IAccountant
-from opacus.accountants.utils import get_noise_multiplier
 
+from client.privacy_plan import (
+    AccountantKind,
+    PrivacyBudgetError,
+    PrivacyPlan,
+    check_plan_inputs,
+    check_sample_rate,
+    plan_noise,
+)
 from client.rdp_epsilon import rdp_epsilon
 from common.atomic_io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-AccountantKind = Literal["rdp", "prv"]
 LEDGER_FORMAT_VERSION = 1
-_SUPPORTED_ACCOUNTANTS: frozenset[str] = frozenset({"rdp", "prv"})
 _REL_TOLERANCE = 1e-9
 
 HistoryEntry = tuple[float, float, int]
-
-
-class PrivacyBudgetError(RuntimeError):
-    """The privacy budget can not be used as asked; the message says why and what to do."""
-
 
 class LedgerCorruptError(PrivacyBudgetError):
     """``ledger.json`` can not be read. The site must refuse to train until an admin acts."""
@@ -84,119 +84,6 @@ class LedgerCorruptError(PrivacyBudgetError):
 
 class LedgerPlanMismatchError(PrivacyBudgetError):
     """The configuration asks for a privacy plan incompatible with the budget already spent."""
-
-
-def default_delta(n_train: int) -> float:
-    """Delta for a site with ``n_train`` training images: ``1 / (10 n)``, well below ``1 / n``.
-
-    Args:
-        n_train: number of training images at the site (the privacy unit is one image).
-    """
-    if n_train < 1:
-        raise ValueError(f"n_train must be at least 1 to choose a delta, got {n_train}")
-    return 1.0 / (10.0 * n_train)
-
-
-def sample_rate_for(n_train: int, batch_size: int) -> float:
-    """The Poisson sample rate Opacus will use: ``1 / len(data_loader)``, i.e. ``1 / ceil(n / B)``.
-
-    ``PrivacyEngine.make_private`` derives the rate from the number of batches, not from
-    ``batch_size / n``; planning with the same figure keeps the plan and the accountant equal.
-
-    Args:
-        n_train: number of training images at the site.
-        batch_size: the (expected) batch size of the training data loader.
-    """
-    if n_train < 1 or batch_size < 1:
-        raise ValueError(f"n_train and batch_size must be >= 1, got {n_train} and {batch_size}")
-    return 1.0 / math.ceil(n_train / batch_size)
-
-
-def steps_per_epoch(sample_rate: float) -> int:
-    """Optimizer steps in one epoch of Poisson sampling at ``sample_rate`` (``ceil(1 / q)``)."""
-    _check_sample_rate(sample_rate)
-    return max(1, math.ceil(1.0 / sample_rate - 1e-9))
-
-
-def planned_steps(rounds: int, local_epochs: int, sample_rate: float) -> int:
-    """All DP-SGD steps a site takes if it trains in every round: rounds x epochs x steps/epoch."""
-    if rounds < 1 or local_epochs < 1:
-        raise ValueError(f"rounds and local_epochs must be >= 1, got {rounds} and {local_epochs}")
-    return rounds * local_epochs * steps_per_epoch(sample_rate)
-
-
-def plan_noise(
-    target_epsilon: float,
-    delta: float,
-    sample_rate: float,
-    planned_steps: int,
-    accountant: AccountantKind = "rdp",
-) -> float:
-    """The noise multiplier that spends exactly ``target_epsilon`` over ``planned_steps`` steps.
-
-    Chosen once per federation; every round trains with this same multiplier.
-
-    Args:
-        target_epsilon: the site's total epsilon for the whole federation.
-        delta: the site's delta (see :func:`default_delta`).
-        sample_rate: Poisson sample rate of one step (see :func:`sample_rate_for`).
-        planned_steps: all steps of all rounds (see :func:`planned_steps`).
-        accountant: ``"rdp"`` or ``"prv"``.
-    """
-    _check_plan_inputs(target_epsilon, delta, sample_rate, planned_steps, accountant)
-    try:
-        sigma = _search_noise_multiplier(
-            float(target_epsilon), float(delta), float(sample_rate), int(planned_steps), accountant
-        )
-    except ValueError as error:
-        raise PrivacyBudgetError(
-            f"no noise multiplier reaches epsilon={target_epsilon} at delta={delta} over "
-            f"{planned_steps} steps at sample rate {sample_rate} ({error}); raise "
-            "privacy.target_epsilon or lower training.rounds / training.local_epochs"
-        ) from error
-    logger.info(
-        "privacy plan: noise multiplier %.4f for %d steps at q=%.5f (epsilon=%s, delta=%.3g, %s)",
-        sigma,
-        planned_steps,
-        sample_rate,
-        target_epsilon,
-        delta,
-        accountant,
-    )
-    return float(sigma)
-
-
-@functools.lru_cache(maxsize=64)
-def _search_noise_multiplier(
-    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
-) -> float:
-    """Opacus' binary search; pure, so cached (the PRV search takes seconds)."""
-    return get_noise_multiplier(
-        target_epsilon=target_epsilon,
-        target_delta=delta,
-        sample_rate=sample_rate,
-        steps=steps,
-        accountant=accountant,
-    )
-
-
-@dataclass(frozen=True)
-class PrivacyPlan:
-    """The inputs the noise multiplier was planned from.
-
-    Attributes:
-        target_epsilon: total epsilon the site allows for the federation.
-        delta: the site's delta.
-        sample_rate: Poisson sample rate of one step.
-        planned_steps: steps over all planned rounds.
-        accountant: ``"rdp"`` or ``"prv"``.
-    """
-
-    target_epsilon: float
-    delta: float
-    sample_rate: float
-    planned_steps: int
-    accountant: str
 
 
 class PrivacyLedger:
@@ -260,7 +147,7 @@ class PrivacyLedger:
             planned_steps=int(planned_steps),
             accountant=str(accountant),
         )
-        _check_plan_inputs(
+        check_plan_inputs(
             requested.target_epsilon,
             requested.delta,
             requested.sample_rate,
@@ -434,7 +321,7 @@ class PrivacyLedger:
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
         rate = self.sample_rate if sample_rate is None else float(sample_rate)
-        _check_sample_rate(rate)
+        check_sample_rate(rate)
         history = self._history_with(self.reserved_steps, self.sample_rate)
         history = _append_steps(history, self.noise_multiplier, rate, steps)
         return self._epsilon_of(history)
@@ -614,24 +501,3 @@ def _corrupt_message(path: Path, reason: str) -> str:
         "starting a new ledger would forget the privacy budget already spent. Restore the file "
         "from a backup or ask the data protection officer how to proceed; do NOT delete it."
     )
-
-
-def _check_sample_rate(sample_rate: float) -> None:
-    if not 0.0 < sample_rate <= 1.0:
-        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-
-
-def _check_plan_inputs(
-    target_epsilon: float, delta: float, sample_rate: float, planned_steps: int, accountant: str
-) -> None:
-    if target_epsilon <= 0:
-        raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
-    if not 0.0 < delta < 1.0:
-        raise ValueError(f"delta must be in (0, 1), got {delta}")
-    _check_sample_rate(sample_rate)
-    if planned_steps < 1:
-        raise ValueError(f"planned_steps must be >= 1, got {planned_steps}")
-    if accountant not in _SUPPORTED_ACCOUNTANTS:
-        raise ValueError(
-            f"accountant must be one of {sorted(_SUPPORTED_ACCOUNTANTS)}, got {accountant!r}"
-        )

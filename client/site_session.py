@@ -17,7 +17,8 @@ from torch import nn
 
 from client.evaluation_metrics import classification_metrics
 from client.local_training import TrainingOutcome, random_flip_and_shift, train_tail
-from client.privacy_budget import PrivacyLedger, default_delta, sample_rate_for, steps_per_epoch
+from client.privacy_budget import PrivacyLedger
+from client.privacy_plan import default_delta, sample_rate_for, steps_per_epoch
 from client.site_settings import SiteSettings
 from client.site_state import SiteState
 from client.trunk_feature_cache import split_trunk_features

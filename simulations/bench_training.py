@@ -302,7 +302,8 @@ def _count_samples(tail: nn.Module, counter: list[int]) -> Iterator[None]:
 
 def _site_ledger(spec: TrainingBenchSpec, num_images: int, ledger_dir: Path) -> Any:
     """The site's privacy ledger for ``num_images`` training images (planned on first use, then loaded)."""
-    from client.privacy_budget import PrivacyLedger, sample_rate_for
+    from client.privacy_budget import PrivacyLedger
+    from client.privacy_plan import sample_rate_for
 
     return PrivacyLedger.load_or_create(
         ledger_dir / f"ledger-{num_images}.json",
@@ -366,7 +367,7 @@ def _train_tail_call(
 
 def run_fedtl(spec: TrainingBenchSpec, private: bool) -> dict[str, Any]:
     """Trunk once, then ``train_tail`` (warm-up call, then the timed call)."""
-    from client.privacy_budget import sample_rate_for
+    from client.privacy_plan import sample_rate_for
     from client.trunk_feature_cache import compute_trunk_features
     from common.backbones import first_trainable_stage
 

@@ -159,7 +159,7 @@ def run_worker(mode: str, spec: TrainingBenchSpec, timeout_s: float = 900.0, in_
 
 def _plan(spec: TrainingBenchSpec, rounds: int, local_epochs: int) -> TrainingBenchSpec:
     """Fill in the noise multiplier fedtl's ledger plans for these settings (used by every DP mode)."""
-    from client.privacy_budget import default_delta, plan_noise, planned_steps, sample_rate_for
+    from client.privacy_plan import default_delta, plan_noise, planned_steps, sample_rate_for
 
     delta = default_delta(spec.train_images)
     rate = sample_rate_for(spec.train_images, spec.batch_size)

@@ -15,17 +15,8 @@ from opacus.accountants import RDPAccountant
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.privacy_budget import (
-    LedgerCorruptError,
-    LedgerPlanMismatchError,
-    PrivacyBudgetError,
-    PrivacyLedger,
-    default_delta,
-    plan_noise,
-    planned_steps,
-    sample_rate_for,
-    steps_per_epoch,
-)
+from client.privacy_budget import LedgerCorruptError, LedgerPlanMismatchError, PrivacyBudgetError, PrivacyLedger
+from client.privacy_plan import plan_noise, planned_steps, sample_rate_for, steps_per_epoch
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 N_TRAIN = 64
@@ -85,35 +76,6 @@ def _train_one_round(ledger: PrivacyLedger, seed: int) -> float:
     finally:
         epsilon = ledger.record(engine.accountant)
     return epsilon
-
-
-def test_default_delta_is_below_one_over_n() -> None:
-    assert default_delta(1000) == pytest.approx(1e-4)
-    assert default_delta(1000) < 1 / 1000
-    with pytest.raises(ValueError):
-        default_delta(0)
-
-
-def test_sample_rate_matches_opacus_one_over_number_of_batches() -> None:
-    assert sample_rate_for(64, 16) == pytest.approx(1 / 4)
-    assert sample_rate_for(65, 16) == pytest.approx(1 / 5)
-    assert steps_per_epoch(1 / 7) == 7
-    assert planned_steps(rounds=5, local_epochs=2, sample_rate=1 / 4) == 40
-
-
-def test_planned_noise_spends_at_most_the_target_over_all_planned_steps() -> None:
-    plan = _plan()
-    sigma = plan_noise(**plan)
-    accountant = RDPAccountant()
-    accountant.history = [(sigma, plan["sample_rate"], plan["planned_steps"])]
-    epsilon = accountant.get_epsilon(delta=DELTA)
-    assert epsilon <= EPSILON
-    assert epsilon > EPSILON - 0.05
-
-
-def test_impossible_budget_raises_a_clear_error() -> None:
-    with pytest.raises(PrivacyBudgetError, match="target_epsilon"):
-        plan_noise(target_epsilon=0.01, delta=1e-10, sample_rate=1.0, planned_steps=10)
 
 
 def test_new_ledger_is_written_to_disk_and_spends_nothing(tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ import torch
 
 from client import trunk_feature_cache
 from client.local_training import train_tail
-from client.privacy_budget import PrivacyLedger, sample_rate_for, steps_per_epoch
+from client.privacy_budget import PrivacyLedger
+from client.privacy_plan import sample_rate_for, steps_per_epoch
 from client.trunk_feature_cache import SplitInputs, split_trunk_features
 from common.backbones import FedModel, build_backbone, first_trainable_stage
 from common.config import ModelConfig, PrivacyConfig, TrainingConfig
