@@ -7,6 +7,10 @@ fingerprint, the preprocessing, the cut point, the image content and the train/t
 new backbone, a new preprocessing or a new split invalidates it. Privacy accounting is
 untouched: the same images are sampled with the same probability for the same number of steps.
 
+The cache keeps the few most recently used entries (``KEPT_ENTRIES``: a site may take part in more
+than one federation) and deletes older ones, and files of the earlier ``.pt`` format, when it
+writes a new one: for a large site one entry can take tens of gigabytes.
+
 The file holds the training rows first, then the test rows, so both splits are plain slices of
 one array: read into memory, or memory-mapped when the site's ``storage`` says ``disk`` (or
 ``auto`` finds the features too big for the memory available). The features are written a
@@ -18,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +38,8 @@ from common.row_files import DamagedRowFile, RowFileWriter, open_rows, scratch_r
 logger = logging.getLogger(__name__)
 
 _HASH_ROWS = 1024
+KEPT_ENTRIES = 3
+"""Feature files kept in a site's cache folder, the most recently used ones."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,7 @@ def split_trunk_features(
         try:
             rows = open_rows(path, where, rows=len(order))
             logger.debug("trunk features from cache %s (%s)", path.name, where)
+            _touch(path)  # most recently used: the last to be pruned
             return SplitInputs(train=rows[:n_train], test=rows[n_train:], storage=where)
         except DamagedRowFile:  # a damaged cache entry is recomputed, never fatal
             logger.warning("trunk-feature cache entry %s is damaged; recomputing it", path.name)
@@ -120,8 +128,41 @@ def split_trunk_features(
         for start, batch in _trunk_batches(model, images, order, boundary, device):
             writer.write(start, batch)
         writer.commit()
+    prune_feature_cache(cache_dir, keep=KEPT_ENTRIES)
     rows = open_rows(path, where, rows=len(order))
     return SplitInputs(train=rows[:n_train], test=rows[n_train:], storage=where)
+
+
+def prune_feature_cache(cache_dir: Path, keep: int = KEPT_ENTRIES) -> list[Path]:
+    """Delete all but the ``keep`` most recently used feature files, and earlier-format ``.pt`` files.
+
+    A process still reading a deleted file keeps its data (POSIX); a later session recomputes it.
+    Returns the deleted files.
+    """
+    entries = sorted(cache_dir.glob("*.npy"), key=_last_used, reverse=True)
+    stale = entries[keep:] + sorted(cache_dir.glob("*.pt"))
+    for entry in stale:
+        try:
+            entry.unlink(missing_ok=True)
+        except OSError as exc:  # a cache that cannot be tidied still works
+            logger.warning("trunk-feature cache: could not remove %s: %s", entry.name, exc)
+            continue
+        logger.info("trunk-feature cache: removed %s (not used recently)", entry.name)
+    return stale
+
+
+def _last_used(entry: Path) -> int:
+    try:
+        return entry.stat().st_mtime_ns
+    except OSError:  # removed meanwhile by another process of the same site
+        return 0
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass  # a read-only cache still serves hits; it is only pruned in write order
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ same weights.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -136,6 +137,23 @@ def test_a_damaged_cache_file_is_recomputed_with_a_warning(
     assert "is damaged; recomputing it" in caplog.text
     assert sum(passes) == len(pixels)
     assert torch.equal(again.train, good.train) and torch.equal(again.test, good.test)
+
+
+def test_the_cache_keeps_the_most_recently_used_entries_and_drops_the_earlier_format(tmp_path: Path) -> None:
+    model, _policy, boundary = tiny_resnet()
+    pixels = images()
+    (tmp_path / "0123abcd.pt").write_bytes(b"features of the earlier format")
+    paths = {}
+    for number, fingerprint in enumerate(["fp-1", "fp-2", "fp-3"]):
+        features(model, pixels, boundary, tmp_path, fingerprint=fingerprint)
+        (paths[fingerprint],) = set(tmp_path.glob("*.npy")) - set(paths.values())
+        os.utime(paths[fingerprint], ns=(number * 10**9, number * 10**9))  # used in this order
+    assert not (tmp_path / "0123abcd.pt").exists()
+    features(model, pixels, boundary, tmp_path, fingerprint="fp-1")  # a hit: fp-1 is now the most recent
+    features(model, pixels, boundary, tmp_path, fingerprint="fp-4")  # a new entry: the oldest, fp-2, goes
+    remaining = set(tmp_path.glob("*.npy"))
+    assert len(remaining) == trunk_feature_cache.KEPT_ENTRIES == 3
+    assert paths["fp-1"] in remaining and paths["fp-3"] in remaining and paths["fp-2"] not in remaining
 
 
 def _mapped_files() -> str:
