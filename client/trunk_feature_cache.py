@@ -113,7 +113,7 @@ def split_trunk_features(
             rows = scratch_rows(cache_dir, len(order), row_shape)
             for start, batch in _trunk_batches(model, images, order, 0, device):
                 rows[start : start + len(batch)] = batch
-        return SplitInputs(train=rows[:n_train], test=rows[n_train:], storage=where)
+        return _split(rows, n_train, where)
 
     path = cache_dir / f"{feature_cache_key(fingerprint, preprocessing_key, boundary, images, order)}.npy"
     if path.exists():
@@ -121,7 +121,7 @@ def split_trunk_features(
             rows = open_rows(path, where, rows=len(order))
             logger.debug("trunk features from cache %s (%s)", path.name, where)
             _touch(path)  # most recently used: the last to be pruned
-            return SplitInputs(train=rows[:n_train], test=rows[n_train:], storage=where)
+            return _split(rows, n_train, where)
         except DamagedRowFile:  # a damaged cache entry is recomputed, never fatal
             logger.warning("trunk-feature cache entry %s is damaged; recomputing it", path.name)
     with RowFileWriter(path, len(order), row_shape) as writer:
@@ -129,7 +129,11 @@ def split_trunk_features(
             writer.write(start, batch)
         writer.commit()
     prune_feature_cache(cache_dir, keep=KEPT_ENTRIES)
-    rows = open_rows(path, where, rows=len(order))
+    return _split(open_rows(path, where, rows=len(order)), n_train, where)
+
+
+def _split(rows: torch.Tensor, n_train: int, where: Literal["memory", "disk"]) -> SplitInputs:
+    """Training rows first, then test rows: two views of one array, no copy."""
     return SplitInputs(train=rows[:n_train], test=rows[n_train:], storage=where)
 
 
