@@ -1,6 +1,8 @@
 """Where a site's data and state live, read from the SuperNode's node config.
 
-A hospital starts its SuperNode with ``--node-config "manifest='...' state-dir='...' site-name='...'"``.
+A hospital starts its SuperNode with ``--node-config "manifest='...' state-dir='...' site-name='...'"``
+(``fedtl-hospital start`` writes that file), optionally with ``device`` and ``storage`` (where images
+and trunk features live while training: ``auto``, ``memory`` or ``disk``, see ``common.memory_budget``).
 In simulation, the simulation runtime gives each virtual node a ``partition-id`` that the
 simulation maps to a synthetic hospital (see ``SiteDirectory``).
 """
