@@ -59,32 +59,18 @@ def make_client_app(directory: SiteDirectory | None = None) -> ClientApp:
         if isinstance(ready, Message):
             return ready
         session, version_id, reference = ready
-        ledger = None
-        metrics_privacy = {"epsilon": 0.0, "delta": 0.0}
-        if session.config.privacy.enabled:
-            ledger = session.privacy_ledger()
-            steps = session.planned_steps_per_round()
-            if not ledger.can_spend(steps):
-                logger.info("[%s] round %d declined: projected epsilon %.2f would exceed the budget %.2f",
-                            settings.site_name, server_round, ledger.projected_epsilon(steps), ledger.target_epsilon)
-                return _reply(msg, settings, wc.STATUS_DECLINED_BUDGET, global_id=version_id,
-                              metrics={wc.NUM_EXAMPLES: session.num_train, "train-loss": 0.0,
-                                       "epsilon": ledger.spent_epsilon(), "delta": ledger.delta})
-        outcome = session.train_round(server_round, float(config_record[wc.CONFIG_PROXIMAL_MU]), ledger)
-        if ledger is not None:
-            metrics_privacy = {"epsilon": ledger.spent_epsilon(), "delta": ledger.delta}
-        session.state.record_round(server_round, wc.STATUS_OK, epsilon=metrics_privacy["epsilon"],
-                                   delta=metrics_privacy["delta"], num_examples=outcome.num_examples,
-                                   steps=outcome.steps)
-        encoded = encode_update(session.shared_state(), reference, str(config_record[wc.CONFIG_ENCODING]))
+        outcome = session.run_round(server_round, float(config_record[wc.CONFIG_PROXIMAL_MU]))
+        metrics = {wc.NUM_EXAMPLES: outcome.num_examples, "train-loss": outcome.train_loss,
+                   "epsilon": outcome.epsilon, "delta": outcome.delta}
+        if outcome.shared is None:
+            return _reply(msg, settings, outcome.status, global_id=version_id, metrics=metrics)
+        encoded = encode_update(outcome.shared, reference, str(config_record[wc.CONFIG_ENCODING]))
         records: dict[str, ArrayRecord] = {wc.SHARED: ArrayRecord(torch_state_dict=encoded.tensors)}
         if encoded.scales:
             records[wc.SHARED_SCALE] = ArrayRecord(torch_state_dict=encoded.scales)
         logger.info("[%s] round %d trained: loss %.4f, epsilon %.3f", settings.site_name, server_round,
-                    outcome.mean_loss, metrics_privacy["epsilon"])
-        return _reply(msg, settings, wc.STATUS_OK, arrays=records, global_id=version_id,
-                      metrics={wc.NUM_EXAMPLES: outcome.num_examples, "train-loss": outcome.mean_loss,
-                               **metrics_privacy})
+                    outcome.train_loss, outcome.epsilon)
+        return _reply(msg, settings, outcome.status, arrays=records, global_id=version_id, metrics=metrics)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -93,7 +79,7 @@ def make_client_app(directory: SiteDirectory | None = None) -> ClientApp:
         if isinstance(ready, Message):
             return ready
         session, version_id, _weights = ready
-        metrics = session.evaluate()
+        metrics = session.evaluate(version_id)
         privacy = {"epsilon": 0.0, "delta": 0.0}
         if session.config.privacy.enabled and session.state.ledger_path.exists():
             ledger = session.privacy_ledger()
@@ -116,6 +102,7 @@ def _ready_session(
         session = _session(settings, msg.content[wc.CONFIG])
     except BackboneMissing:
         return _reply(msg, settings, wc.STATUS_NEED_BACKBONE, global_id=version_id)
+    session.sync_local_head()
     session.load_shared(weights)
     return session, version_id, weights
 

@@ -193,3 +193,35 @@ def _check_shapes(outputs: np.ndarray, targets: np.ndarray, num_classes: int, sc
         )
     if not np.all(np.isfinite(outputs)):
         raise ValueError("model outputs contain NaN or infinity; the model diverged")
+
+
+def bootstrap_balanced_accuracy(
+    logits: ArrayLike, labels: ArrayLike, patients: list[str], *, resamples: int = 2000, seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the balanced accuracy, resampling *patients* (all their images).
+
+    Images of one patient are not independent, so the unit resampled is the patient. Resamples in
+    which a class is absent average the recalls of the classes present, as the point estimate does.
+    Returns ``(low, high)`` at ``level``; both NaN when there are no test images.
+    """
+    outputs = _as_float_matrix(logits)
+    targets = _as_label_vector(labels)
+    if len(targets) == 0:
+        return float("nan"), float("nan")
+    correct = (outputs.argmax(axis=1) == targets).astype(np.float64)
+    ids = {patient: index for index, patient in enumerate(dict.fromkeys(patients))}
+    patient_of = np.array([ids[p] for p in patients])
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(len(ids), np.full(len(ids), 1.0 / len(ids)), size=resamples)  # (B, patients)
+    weights = counts[:, patient_of].astype(np.float64)  # (B, images)
+    recalls = []
+    for cls in np.unique(targets):
+        in_class = targets == cls
+        total = weights[:, in_class].sum(axis=1)
+        hit = (weights[:, in_class] * correct[in_class]).sum(axis=1)
+        recalls.append(np.where(total > 0, hit / np.maximum(total, 1e-12), np.nan))
+    scores = np.nanmean(np.vstack(recalls), axis=0)
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = np.nanpercentile(scores, [tail, 100.0 - tail])
+    return float(low), float(high)

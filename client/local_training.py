@@ -147,15 +147,18 @@ def train_tail(
     return TrainingOutcome(mean_loss=mean_loss, steps=steps, num_examples=len(inputs))
 
 
-def random_flip_and_shift(max_shift: int = 4) -> Augment:
-    """A light augmentation: random horizontal flip and a small random translation per image."""
+def random_flip_and_shift(max_shift: int = 4, generator: torch.Generator | None = None) -> Augment:
+    """A light augmentation: random horizontal flip and a small random translation per image.
+
+    ``generator`` (CPU) makes the draws reproducible whatever else the process did before.
+    """
 
     def augment(batch: torch.Tensor) -> torch.Tensor:
         if batch.dim() != 4:
             return batch
-        flip = torch.rand(len(batch), device=batch.device) < 0.5
+        flip = (torch.rand(len(batch), generator=generator) < 0.5).to(batch.device)
         batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
-        dx, dy = (int(v) for v in torch.randint(-max_shift, max_shift + 1, (2,)))
+        dx, dy = (int(v) for v in torch.randint(-max_shift, max_shift + 1, (2,), generator=generator))
         return torch.roll(batch, shifts=(dy, dx), dims=(-2, -1))
 
     return augment

@@ -15,8 +15,9 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from client.evaluation_metrics import classification_metrics
+from client.evaluation_metrics import bootstrap_balanced_accuracy, classification_metrics
 from client.local_training import TrainingOutcome, random_flip_and_shift, train_tail
+from client.personal_head import PersonalHead, fit_personal_head
 from client.privacy_budget import PrivacyLedger
 from client.privacy_plan import default_delta, sample_rate_for, steps_per_epoch
 from client.site_settings import SiteSettings
@@ -24,6 +25,7 @@ from client.site_state import SiteState
 from client.trunk_feature_cache import split_trunk_features
 from common.backbones import FedModel, build_backbone, first_trainable_stage
 from common.config import FederationConfig
+from common.wire_contract import STATUS_DECLINED_BUDGET, STATUS_OK
 from common.image_preprocessing import Preprocessing
 from common.layer_policy import ParameterGroups, apply_policy, resolve_policy
 from common.patient_split import class_weights, split_by_patient
@@ -36,11 +38,31 @@ class BackboneMissing(RuntimeError):
     """The site does not hold the backbone the coordinator asked for (never installed, or cache lost)."""
 
 
+@dataclass(frozen=True)
+class RoundOutcome:
+    """What one round did at the site: trained (``status == "ok"``) or declined for lack of budget.
+
+    ``epsilon`` and ``delta`` are the site's cumulative privacy spent after the round (0 with DP off);
+    ``shared`` is the trained shared layers (``None`` when declined). Nothing here is per image.
+    """
+
+    status: str
+    num_examples: int
+    train_loss: float
+    steps: int
+    epsilon: float
+    delta: float
+    shared: dict[str, torch.Tensor] | None
+
+
 @dataclass
-class _Split:
+class Split:
+    """One split of a site's images: the tail's inputs with their clinical values, labels and patients."""
+
     inputs: torch.Tensor  # trunk features (or images when the trunk is not cached)
     clinical: torch.Tensor
     labels: torch.Tensor
+    patients: list[str] = field(default_factory=list, repr=False)  # site-local ids, for patient-level folds only
 
 
 @dataclass
@@ -51,11 +73,12 @@ class SiteSession:
     model: FedModel
     groups: ParameterGroups
     boundary: int
-    train: _Split
-    test: _Split
+    train: Split
+    test: Split
     skipped_files: int
     state: SiteState
     _named: dict[str, nn.Parameter] = field(default_factory=dict)
+    _head_stamp: tuple[int, int, int] | None = None  # the local-head file this session's head matches
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -132,6 +155,7 @@ class SiteSession:
             state=state,
         )
         session._named = dict(model.named_parameters())
+        session._head_stamp = state.local_head_stamp()
         logger.info("[%s] ready: %d train / %d test images, trunk cut at stage %d, inputs in %s",
                     settings.site_name, len(train_idx), len(test_idx), boundary, inputs.storage)
         return session
@@ -156,6 +180,24 @@ class SiteSession:
         training = self.config.training
         return training.local_epochs * steps_per_epoch(sample_rate_for(self.num_train, training.batch_size))
 
+    def sync_local_head(self) -> None:
+        """Reload the local head if the site's disk holds a newer one than this session.
+
+        A simulation worker keeps sessions in memory while another worker may train the same site
+        (Ray schedules sites on any worker); without this a cached session would go on from a
+        stale head and the result would depend on the schedule.
+        """
+        stamp = self.state.local_head_stamp()
+        if stamp == self._head_stamp:
+            return
+        head = self.state.load_local_head(backbone_fingerprint=self.fingerprint)
+        if head is not None and set(head) == set(self.groups.local):
+            current = self.model.state_dict()
+            with torch.no_grad():
+                for name, tensor in head.items():
+                    current[name].copy_(tensor)
+        self._head_stamp = stamp
+
     def load_shared(self, shared: Mapping[str, torch.Tensor]) -> None:
         expected = set(self.groups.shared)
         if set(shared) != expected:
@@ -169,12 +211,36 @@ class SiteSession:
     def shared_state(self) -> dict[str, torch.Tensor]:
         return {name: self._named[name].detach().cpu().clone() for name in self.groups.shared}
 
+    def run_round(self, server_round: int, proximal_mu: float) -> RoundOutcome:
+        """One federated round at this site: decide on the budget, train, record it on the site's disk.
+
+        Under DP the round is declined (``declined-budget``) when its planned steps would take the
+        cumulative epsilon past the target; nothing is trained or spent then. Used by the ClientApp
+        and by the simulations' baselines alike.
+        """
+        ledger = self.privacy_ledger() if self.config.privacy.enabled else None
+        if ledger is not None:
+            steps = self.planned_steps_per_round()
+            if not ledger.can_spend(steps):
+                logger.info("[%s] round %d declined: projected epsilon %.2f would exceed the budget %.2f",
+                            self.settings.site_name, server_round, ledger.projected_epsilon(steps),
+                            ledger.target_epsilon)
+                return RoundOutcome(status=STATUS_DECLINED_BUDGET, num_examples=self.num_train, train_loss=0.0,
+                                    steps=0, epsilon=ledger.spent_epsilon(), delta=ledger.delta, shared=None)
+        trained = self.train_round(server_round, proximal_mu, ledger)
+        epsilon, delta = (ledger.spent_epsilon(), ledger.delta) if ledger is not None else (0.0, 0.0)
+        self.state.record_round(server_round, STATUS_OK, epsilon=epsilon, delta=delta,
+                                num_examples=trained.num_examples, steps=trained.steps)
+        return RoundOutcome(status=STATUS_OK, num_examples=trained.num_examples, train_loss=trained.mean_loss,
+                            steps=trained.steps, epsilon=epsilon, delta=delta, shared=self.shared_state())
+
     def train_round(self, server_round: int, proximal_mu: float, ledger: PrivacyLedger | None) -> TrainingOutcome:
         training = self.config.training
         global_shared = self.shared_state()
         weights = (
             class_weights(self.train.labels, self.config.model.num_classes) if training.class_weighting else None
         )
+        seed = _site_seed(self.config.seed, self.settings.site_name) * 1000 + server_round
         outcome = train_tail(
             self.model.tail(self.boundary),
             self.train.inputs,
@@ -189,35 +255,94 @@ class SiteSession:
             proximal_mu=proximal_mu,
             class_weights=weights,
             device=self.settings.torch_device(),
-            seed=_site_seed(self.config.seed, self.settings.site_name) * 1000 + server_round,
-            augment=random_flip_and_shift() if training.augmentation else None,
+            seed=seed,
+            augment=(random_flip_and_shift(generator=torch.Generator().manual_seed(seed + 3))
+                     if training.augmentation else None),
         )
         local = set(self.groups.local)
         self.state.save_local_head(
             {name: tensor.detach().cpu() for name, tensor in self.model.state_dict().items() if name in local},
             backbone_fingerprint=self.fingerprint,
         )
+        self._head_stamp = self.state.local_head_stamp()
         return outcome
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def features(self, split: Split) -> torch.Tensor:
+        """Pooled image features (and clinical values) of ``split`` under the current shared layers."""
+        tail = self.model.tail(self.boundary).eval()
+        device = self.settings.torch_device()
+        chunks = []
+        for start in range(0, len(split.labels), 256):
+            h = split.inputs[start : start + 256].to(device)
+            for stage in tail.stages.values():
+                h = stage(h)
+            chunks.append(tail.head.features(h).float().cpu())
+        pooled = torch.cat(chunks) if chunks else torch.zeros(0, self.model.feature_dim)
+        return torch.cat([pooled, split.clinical.float()], dim=1) if split.clinical.numel() else pooled
+
+    def fit_personal_head(self, global_id: str = "") -> PersonalHead:
+        """Fit and store this site's personal head on the current global features (never sent)."""
+        head = fit_personal_head(self.features(self.train), self.train.labels, self.train.patients,
+                                 self.config.model.num_classes)
+        self.state.save_personal_head(head.state_dict(), global_id=global_id, backbone_fingerprint=self.fingerprint)
+        logger.info("[%s] personal head fitted (L2 %.3g, %d patient folds)", self.settings.site_name, head.l2,
+                    head.folds)
+        return head
+
+    @torch.no_grad()
+    def evaluate(self, global_id: str = "") -> dict[str, float]:
+        """Test metrics of the site's model: its personal head on the global features (the default,
+        ``training.personal_head = "linear_probe"``), or the head DP-SGD trained (``"none"``)."""
+        return classification_metrics(self._test_logits(global_id), self.test.labels, self.config.model.num_classes)
+
+    @torch.no_grad()
+    def test_report(self, global_id: str = "", seed: int = 0) -> dict[str, float]:
+        """``evaluate``'s metrics plus a 95% patient-bootstrap interval of the balanced accuracy.
+
+        For the site's own use and for simulations; the interval is not a wire field.
+        """
+        logits = self._test_logits(global_id)
+        metrics = classification_metrics(logits, self.test.labels, self.config.model.num_classes)
+        low, high = bootstrap_balanced_accuracy(logits, self.test.labels, self.test.patients, seed=seed)
+        return {**metrics, "ci-low": low, "ci-high": high, "test-patients": float(len(set(self.test.patients)))}
+
+    def _test_logits(self, global_id: str) -> torch.Tensor:
+        if len(self.test.labels) == 0:
+            raise ValueError("this site has no test images; lower data.test_fraction or add patients")
+        if self.config.training.personal_head == "linear_probe":
+            return self.fit_personal_head(global_id).logits(self.features(self.test).double())
+        return self.trained_head_logits(self.test)
+
+    @torch.no_grad()
+    def trained_head_logits(self, split: Split) -> torch.Tensor:
+        """Logits of the head trained together with the shared layers (the one DP-SGD sees)."""
         tail = self.model.tail(self.boundary).eval()
         device = self.settings.torch_device()
         logits = []
-        for start in range(0, len(self.test.labels), 256):
+        for start in range(0, len(split.labels), 256):
             logits.append(
-                tail(self.test.inputs[start : start + 256].to(device),
-                     self.test.clinical[start : start + 256].to(device)).float().cpu()
+                tail(split.inputs[start : start + 256].to(device),
+                     split.clinical[start : start + 256].to(device)).float().cpu()
             )
-        if not logits:
-            raise ValueError("this site has no test images; lower data.test_fraction or add patients")
-        return classification_metrics(torch.cat(logits), self.test.labels, self.config.model.num_classes)
+        return torch.cat(logits)
 
 
-def _take(inputs: torch.Tensor, data: SiteData, index: list[int] | torch.Tensor) -> _Split:
+def concatenate_splits(splits: list[Split]) -> Split:
+    """Several sites' splits as one (pooled baselines); patient ids are prefixed by the split's position."""
+    return Split(
+        inputs=torch.cat([s.inputs for s in splits]),
+        clinical=torch.cat([s.clinical for s in splits]),
+        labels=torch.cat([s.labels for s in splits]),
+        patients=[f"{i}/{p}" for i, s in enumerate(splits) for p in s.patients],
+    )
+
+
+def _take(inputs: torch.Tensor, data: SiteData, index: list[int] | torch.Tensor) -> Split:
     """A split: its tail inputs (already in split order) with its rows of clinical values and labels."""
     idx = torch.as_tensor(index, dtype=torch.long)
-    return _Split(inputs=inputs, clinical=data.clinical[idx].float(), labels=data.labels[idx].long())
+    return Split(inputs=inputs, clinical=data.clinical[idx].float(), labels=data.labels[idx].long(),
+                  patients=[data.patient_ids[i] for i in idx.tolist()])
 
 
 def _site_seed(seed: int, site_name: str) -> int:

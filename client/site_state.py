@@ -112,6 +112,11 @@ class SiteState:
         return self.root / "local_head.pt"
 
     @property
+    def personal_head_path(self) -> Path:
+        """``personal_head.pt``: the site's own linear probe on the global features (never sent)."""
+        return self.root / "personal_head.pt"
+
+    @property
     def global_layers_path(self) -> Path:
         """``global_layers.pt``: the coordinator's global shared layers the site holds."""
         return self.root / "global_layers.pt"
@@ -198,6 +203,14 @@ class SiteState:
         }
         atomic_torch_save(self.local_head_path, payload)
 
+    def local_head_stamp(self) -> tuple[int, int, int] | None:
+        """(inode, size, mtime in ns) of the local-head file, ``None`` when absent: changes with every save."""
+        try:
+            info = self.local_head_path.stat()
+        except FileNotFoundError:
+            return None
+        return (info.st_ino, info.st_size, info.st_mtime_ns)
+
     def load_local_head(
         self, *, backbone_fingerprint: str | None = None
     ) -> dict[str, torch.Tensor] | None:
@@ -232,6 +245,31 @@ class SiteState:
             )
             return None
         return dict(state_dict)
+
+    # ------------------------------------------------------------------ personal head
+    def save_personal_head(self, state_dict: Mapping[str, torch.Tensor], *, global_id: str,
+                           backbone_fingerprint: str) -> None:
+        """Store the personal head with the global layers and backbone it was fitted on."""
+        atomic_torch_save(self.personal_head_path, {
+            "format_version": STATE_FORMAT_VERSION,
+            "backbone_fingerprint": backbone_fingerprint,
+            "global_id": global_id,
+            "state_dict": {name: tensor.detach().to("cpu") for name, tensor in state_dict.items()},
+        })
+
+    def load_personal_head(self) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+        """The stored personal head and what it was fitted on, or ``None`` when absent or unreadable."""
+        path = self.personal_head_path
+        if not path.exists():
+            return None
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            return dict(payload["state_dict"]), {"global_id": str(payload["global_id"]),
+                                                 "backbone_fingerprint": str(payload["backbone_fingerprint"])}
+        except Exception as error:  # torch.load raises many types for a damaged zip/pickle
+            logger.warning("personal head %s is unreadable (%s); it is fitted again at the next evaluation",
+                           path, type(error).__name__)
+            return None
 
     # ------------------------------------------------------------------ backbone cache
     def has_backbone(self, fingerprint: str) -> bool:

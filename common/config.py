@@ -120,6 +120,12 @@ class TrainingConfig(_Section):
         "when augmentation is on",
     )
     mixed_precision: bool = False
+    personal_head: Literal["linear_probe", "none"] = Field(
+        "linear_probe",
+        description="what each site evaluates and keeps: 'linear_probe' fits its own class-balanced linear "
+        "classifier on the global features after every round (never sent, never used in a DP step); 'none' "
+        "uses the head trained with the shared layers",
+    )
     update_encoding: Literal["fp32", "fp16", "int8"] = Field(
         "int8",
         description="how shared-layer changes travel, both ways: 'int8' (a quarter of fp32's bytes, "

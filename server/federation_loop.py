@@ -17,7 +17,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 from common import wire_contract as wc
 from common.config import FederationConfig
 from common.update_encoding import EncodedUpdate, UpdateEncodingError, decode_update
-from server.aggregation import make_aggregator
+from server.aggregation import Update, make_aggregator
 from server.backbone_source import PreparedBackbone
 from server.checkpoints import latest_checkpoint, save_checkpoint
 from server.global_broadcast import GlobalBroadcast, downlink_records
@@ -125,7 +125,7 @@ def run_federation(grid: Grid, config: FederationConfig, backbone: PreparedBackb
                 updates.pop(int(node_key))
                 _drop(recorder, server_round, names.of(int(node_key)), reason)
         if len(updates) >= config.strategy.min_sites:
-            global_shared = broadcast.publish(aggregator.aggregate(global_shared, list(updates.values())))
+            global_shared = broadcast.publish(aggregator.aggregate(global_shared, in_site_order(updates, names)))
         else:
             logger.warning("[round %d] only %d usable update(s), %d needed: global layers unchanged",
                            server_round, len(updates), config.strategy.min_sites)
@@ -165,6 +165,16 @@ def _wait_for_nodes(grid: Grid, config: FederationConfig) -> list[int]:
                 f"{config.strategy.min_sites} needed (strategy.min_sites); check that the hospitals' SuperNodes run"
             )
         time.sleep(NODE_WAIT_POLL_S)
+
+
+def in_site_order(updates: Mapping[int, Update], names: SiteNames) -> list[Update]:
+    """The round's updates sorted by site name (then node id).
+
+    Floating-point sums depend on their order, and neither the order replies arrive in nor, in
+    simulation, the random node ids Flower assigns may change the aggregate: the same federation
+    with the same seeds must give the same global layers.
+    """
+    return [updates[node] for node in sorted(updates, key=lambda node: (names.of(node), node))]
 
 
 def _sample(nodes: list[int], config: FederationConfig, server_round: int) -> list[int]:

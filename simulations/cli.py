@@ -27,7 +27,8 @@ def _simulate(args: argparse.Namespace) -> int:
         return 2
     plan = SimulationPlan(config=config, run_dir=run_dir, num_sites=args.sites, data_seed=args.data_seed,
                           site_scale=args.site_scale, max_parallel_sites=args.parallel, resume=args.resume)
-    metrics = run_experiment(plan, baselines=not args.no_baselines)
+    metrics = run_experiment(plan, baselines=not args.no_baselines, privacy_sweep=not args.no_privacy_sweep,
+                             seeds=args.seeds)
     print()
     print(format_table(metrics))
     print()
@@ -59,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--overwrite", action="store_true",
                           help="replace an earlier run in the same folder (its simulated hospitals start afresh)")
     simulate.add_argument("--no-baselines", action="store_true", help="federated run only")
+    simulate.add_argument("--seeds", type=int, default=1,
+                          help="run the whole comparison for this many seeds and report each row's spread")
+    simulate.add_argument("--no-privacy-sweep", action="store_true",
+                          help="skip the federations at epsilon 1 and 3 behind the privacy-utility plot")
     simulate.set_defaults(handler=_simulate)
 
     quality = sub.add_parser("quality-report", help="a site's data-quality report (stays on this machine)")

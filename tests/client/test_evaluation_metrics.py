@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from client.evaluation_metrics import METRIC_KEYS, classification_metrics
+from client.evaluation_metrics import METRIC_KEYS, bootstrap_balanced_accuracy, classification_metrics
 from common.wire_contract import EVALUATE_METRIC_KEYS, NUM_EXAMPLES
 
 # Binary case: labels and P(class 1); predictions [0, 1, 1, 0, 1] -> TP=2 FN=1 TN=1 FP=1.
@@ -122,3 +122,26 @@ def test_auc_equals_the_trapezoidal_roc_area_with_tied_scores(seed: int) -> None
     probabilities = np.stack([1 - scores, scores], axis=1)
     metrics = classification_metrics(probabilities, labels, 2, scores="probabilities")
     assert metrics["auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_the_bootstrap_interval_resamples_patients_and_holds_the_point_estimate() -> None:
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1] * 20, 3)  # 40 patients, 3 images each
+    patients = [f"p{i // 3}" for i in range(len(labels))]
+    logits = np.stack([1 - labels, labels], axis=1).astype(float)
+    wrong = rng.choice(len(labels), 30, replace=False)
+    logits[wrong] = logits[wrong][:, ::-1]
+    point = classification_metrics(logits, labels, 2)["balanced-accuracy"]
+    low, high = bootstrap_balanced_accuracy(logits, labels, patients, seed=3)
+    assert low < point < high
+    assert (low, high) == bootstrap_balanced_accuracy(logits, labels, patients, seed=3)
+    # the same images counted as 120 independent patients give a narrower interval
+    narrow = bootstrap_balanced_accuracy(logits, labels, [str(i) for i in range(len(labels))], seed=3)
+    assert narrow[1] - narrow[0] < high - low
+
+
+def test_a_perfect_model_has_a_degenerate_interval_and_no_images_give_nan() -> None:
+    labels = np.array([0, 1, 0, 1])
+    assert bootstrap_balanced_accuracy(np.eye(2)[labels], labels, ["a", "b", "c", "d"]) == (1.0, 1.0)
+    low, high = bootstrap_balanced_accuracy(np.zeros((0, 2)), np.zeros(0, dtype=int), [])
+    assert np.isnan(low) and np.isnan(high)

@@ -1,0 +1,159 @@
+"""Each site's personal head: a class-balanced linear probe on the current global features.
+
+After every round (and at the end) a site fits its own classifier on the pooled image features
+that the frozen trunk and the *current global shared layers* give for its training patients,
+and evaluates that. It is multinomial logistic regression, fitted by L-BFGS (float64)
+on standardised features, with the L2 strength chosen by patient-level k-fold cross-validation
+on the training patients (weighted log-loss, so a tiny validation fold still ranks the choices).
+
+Privacy: the personal head is fitted without DP on the site's own data. That is allowed because
+it never leaves the site and never feeds a DP step: it is a separate object, never loaded into
+the model that DP-SGD trains, so the shared-layer update a site sends is the same whatever its
+personal head is (``tests/client/test_personal_head.py`` checks this bit for bit). Its class
+weights and standardisation statistics come from the site's private data, which is fine here
+for the same reason and would *not* be fine inside DP training.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+L2_GRID: tuple[float, ...] = tuple(10.0**e for e in (-4, -3, -2, -1.5, -1, -0.5, 0, 1))
+"""Candidate L2 strengths (on standardised features, per mean training example)."""
+
+MAX_FOLDS = 5
+
+
+@dataclass(frozen=True)
+class PersonalHead:
+    """Standardisation + linear classifier; ``logits(features) = ((x - mean) / scale) @ weight.T + bias``."""
+
+    mean: torch.Tensor
+    scale: torch.Tensor
+    weight: torch.Tensor  # (num_classes, feature_dim)
+    bias: torch.Tensor  # (num_classes,)
+    l2: float
+    folds: int  # 0 when there were too few patients to cross-validate and the default strength was used
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        x = (features.double() - self.mean) / self.scale
+        return (x @ self.weight.T + self.bias).float()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"mean": self.mean, "scale": self.scale, "weight": self.weight, "bias": self.bias,
+                "l2": torch.tensor(self.l2, dtype=torch.float64), "folds": torch.tensor(self.folds)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> PersonalHead:
+        return cls(mean=state["mean"], scale=state["scale"], weight=state["weight"], bias=state["bias"],
+                   l2=float(state["l2"]), folds=int(state["folds"]))
+
+
+def balanced_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-example weights ``n / (num_classes * count[label])`` (scikit-learn's ``class_weight="balanced"``)."""
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    per_class = len(labels) / (num_classes * counts.clamp(min=1))
+    return per_class[labels]
+
+
+def fit_logistic(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, l2: float,
+    sample_weight: torch.Tensor | None = None, max_iter: int = 100,
+    start: tuple[torch.Tensor, torch.Tensor] | None = None, tolerance: float = 1e-7,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Minimise ``sum_i s_i CE_i / sum_i s_i + l2/2 ||W||^2`` (bias not penalised); returns ``(W, b)``.
+
+    Equivalent to scikit-learn's ``LogisticRegression(C=1 / (l2 * sum(s)))`` for the multinomial loss.
+    ``start`` warm-starts L-BFGS (from the solution for a neighbouring ``l2``, say).
+    """
+    x = features.double()
+    y = labels.long()
+    s = torch.ones(len(y), dtype=torch.float64) if sample_weight is None else sample_weight.double()
+    total = s.sum()
+    if start is None:
+        weight = torch.zeros(num_classes, x.shape[1], dtype=torch.float64)
+        bias = torch.zeros(num_classes, dtype=torch.float64)
+    else:
+        weight, bias = start[0].clone().double(), start[1].clone().double()
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=tolerance,
+                                  tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = (F.cross_entropy(x @ weight.T + bias, y, reduction="none") * s).sum() / total
+        loss = loss + 0.5 * l2 * (weight * weight).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def patient_folds(patients: Sequence[str], labels: torch.Tensor, num_classes: int,
+                  max_folds: int = MAX_FOLDS) -> list[torch.Tensor]:
+    """Validation masks of a patient-level k-fold split (every image of a patient in one fold).
+
+    Patients are dealt to folds class by class (by each patient's first label) in a fixed order, so
+    every fold sees both classes where the data allow and the split is the same on every run.
+    """
+    first_label: dict[str, int] = {}
+    for patient, label in zip(patients, labels.tolist()):
+        first_label.setdefault(patient, int(label))
+    per_class = [sorted(p for p, c in first_label.items() if c == k) for k in range(num_classes)]
+    smallest = min((len(group) for group in per_class), default=0)
+    folds = min(max_folds, smallest)
+    if folds < 2:
+        return []
+    fold_of: dict[str, int] = {}
+    for group in per_class:
+        for index, patient in enumerate(group):
+            fold_of[patient] = index % folds
+    assignment = torch.tensor([fold_of[p] for p in patients])
+    return [assignment == k for k in range(folds)]
+
+
+def fit_personal_head(
+    features: torch.Tensor, labels: torch.Tensor, patients: Sequence[str], num_classes: int,
+    grid: Sequence[float] = L2_GRID,
+) -> PersonalHead:
+    """Fit the site's personal head on its training images (see the module docstring)."""
+    if len(labels) == 0:
+        raise ValueError("this site has no training images; check its manifest and the split")
+    x = features.double()
+    y = labels.long()
+    mean = x.mean(0)
+    scale = x.std(0, unbiased=False).clamp(min=1e-6)
+    z = (x - mean) / scale
+    folds = patient_folds(patients, y, num_classes)
+    if folds:
+        # Strongest regularisation first, each fit warm-started from the previous one (a path).
+        order = sorted(range(len(grid)), key=lambda i: -grid[i])
+        scores = [0.0] * len(grid)
+        for validation in folds:
+            train = ~validation
+            w_train = balanced_weights(y[train], num_classes)
+            w_val = balanced_weights(y[validation], num_classes)
+            solution = None
+            for i in order:
+                solution = fit_logistic(z[train], y[train], num_classes, grid[i], w_train, start=solution,
+                                        tolerance=1e-5)
+                ce = F.cross_entropy(z[validation] @ solution[0].T + solution[1], y[validation], reduction="none")
+                scores[i] += float((ce * w_val).sum() / w_val.sum()) / len(folds)
+        l2 = grid[min(range(len(grid)), key=lambda i: (scores[i], -grid[i]))]
+    else:
+        l2 = 1.0 / len(y)  # scikit-learn's default C=1
+    weight, bias = fit_logistic(z, y, num_classes, l2, balanced_weights(y, num_classes))
+    if not math.isfinite(float(weight.abs().sum())):
+        raise ValueError("the personal head did not converge (non-finite weights); check the site's features")
+    return PersonalHead(mean=mean, scale=scale, weight=weight, bias=bias, l2=l2, folds=len(folds))
