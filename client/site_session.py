@@ -138,7 +138,7 @@ class SiteSession:
             boundary=boundary,
             fingerprint=fingerprint,
             preprocessing_key=preprocessing.key(),
-            cache_dir=state.features_dir,
+            cache_dir=settings.features_cache_dir or state.features_dir,
             device=device,
             storage=settings.storage,
         )

@@ -34,6 +34,8 @@ class SiteSettings:
     state_dir: Path
     device: str = "auto"
     decoded_cache_dir: Path | None = None  # default: <state_dir>/decoded; safe to share (keyed by file content)
+    features_cache_dir: Path | None = None  # default: <state_dir>/features; safe to share (keyed by backbone,
+    # preprocessing, cut point, image content and split)
     storage: Storage = "auto"  # images and trunk features in RAM, or memory-mapped on disk (common.memory_budget)
 
     def torch_device(self) -> torch.device:

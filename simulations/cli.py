@@ -27,7 +27,7 @@ def _simulate(args: argparse.Namespace) -> int:
         return 2
     plan = SimulationPlan(config=config, run_dir=run_dir, num_sites=args.sites, data_seed=args.data_seed,
                           site_scale=args.site_scale, max_parallel_sites=args.parallel, resume=args.resume)
-    metrics = run_experiment(plan, baselines=not args.no_baselines, privacy_sweep=not args.no_privacy_sweep,
+    metrics = run_experiment(plan, baselines=not args.no_baselines, privacy_sweep=args.privacy_sweep,
                              seeds=args.seeds)
     print()
     print(format_table(metrics))
@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--no-baselines", action="store_true", help="federated run only")
     simulate.add_argument("--seeds", type=int, default=1,
                           help="run the whole comparison for this many seeds and report each row's spread")
-    simulate.add_argument("--no-privacy-sweep", action="store_true",
-                          help="skip the federations at epsilon 1 and 3 behind the privacy-utility plot")
+    simulate.add_argument("--privacy-sweep", action="store_true",
+                          help="also run the federation at epsilon 1 and 3 (two more federations) for the "
+                          "privacy-utility plot")
     simulate.set_defaults(handler=_simulate)
 
     quality = sub.add_parser("quality-report", help="a site's data-quality report (stays on this machine)")

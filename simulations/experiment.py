@@ -83,7 +83,7 @@ def _federated_variant(plan: SimulationPlan, variant: SimulationPlan, sites: Map
     return evaluate_federated_sites(variant.config, variant_sites, backbone)
 
 
-def run_experiment(plan: SimulationPlan, *, baselines: bool = True, privacy_sweep: bool = True,
+def run_experiment(plan: SimulationPlan, *, baselines: bool = True, privacy_sweep: bool = False,
                    seeds: int = 1) -> dict[str, Any]:
     """Run everything for one report; returns the main run's metrics.json as written.
 

@@ -105,8 +105,10 @@ def synthetic_sites(plan: SimulationPlan) -> dict[int, SiteSettings]:
             manifest=Path(manifest),
             state_dir=plan.run_dir / "sites" / f"hospital-{index}",
             device=plan.config.training.device,
-            # one decoded-image cache per synthetic site, shared by every run and baseline on it
+            # one decoded-image and one trunk-feature cache per synthetic site, shared by every run,
+            # variant and baseline on it (both are keyed by content)
             decoded_cache_dir=data_dir / f"decoded-{index}",
+            features_cache_dir=data_dir / f"features-{index}",
         )
         for index, manifest in enumerate(manifests)
     }
