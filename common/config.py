@@ -119,7 +119,6 @@ class TrainingConfig(_Section):
         description="reuse frozen-trunk outputs across epochs and rounds; 'auto' turns it off "
         "when augmentation is on",
     )
-    mixed_precision: bool = False
     personal_head: Literal["linear_probe", "none"] = Field(
         "linear_probe",
         description="what each site evaluates and keeps: 'linear_probe' fits its own class-balanced linear "
