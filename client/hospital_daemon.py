@@ -31,12 +31,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from common.daemon_setup import FlowerNotInstalled, configure_logging, flower_executable
 from common.memory_budget import STORAGE_CHOICES
+from client.supernode_record import DAEMON_RECORD
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_RUNTIME_PORT = 9094
-DAEMON_RECORD = "supernode.json"
 NODE_CONFIG_FILE = "node-config.toml"
 
 
@@ -136,7 +137,7 @@ def node_config_toml(settings: HospitalSettings) -> str:
 def supernode_command(settings: HospitalSettings, runtime_port: int) -> list[str]:
     """The exact ``flower-supernode`` command line for this site."""
     command = [
-        _flower_executable("flower-supernode"),
+        _supernode_executable(),
         "--superlink",
         settings.superlink,
         "--root-certificates",
@@ -209,14 +210,11 @@ def start(settings: HospitalSettings) -> None:
     os.execve(command[0], command, supernode_env(settings))
 
 
-def _flower_executable(name: str) -> str:
-    candidate = Path(sys.executable).parent / name
-    if candidate.exists():
-        return str(candidate)
-    raise HospitalSetupError(
-        f"'{name}' is not installed next to {sys.executable}; install fedtl here (pip install -e .) "
-        "so that the pinned flwr is present"
-    )
+def _supernode_executable() -> str:
+    try:
+        return flower_executable("flower-supernode")
+    except FlowerNotInstalled as exc:
+        raise HospitalSetupError(str(exc)) from None
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -266,8 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["start"]:
         argv = argv[1:]
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging()
     settings = HospitalSettings(
         superlink=args.superlink,
         ca_cert=args.ca,

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from client.hospital_daemon import DAEMON_RECORD
+from client.supernode_record import DAEMON_RECORD
 
 logger = logging.getLogger(__name__)
 

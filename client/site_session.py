@@ -23,7 +23,9 @@ from client.privacy_plan import default_delta, sample_rate_for, steps_per_epoch
 from client.site_settings import SiteSettings
 from client.site_state import SiteState
 from client.trunk_feature_cache import split_trunk_features
-from common.backbones import FedModel, build_backbone, first_trainable_stage
+from common.backbones import build_backbone
+from common.fed_model import FedModel
+from common.layer_policy import first_trainable_stage
 from common.config import FederationConfig
 from common.wire_contract import STATUS_DECLINED_BUDGET, STATUS_OK
 from common.image_preprocessing import Preprocessing

@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from common.backbones import FedModel
+from common.fed_model import FedModel
 from common.memory_budget import Storage, resolve_storage
 from common.row_files import DamagedRowFile, RowFileWriter, open_rows, scratch_rows
 

@@ -25,8 +25,9 @@ from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from common.backbones import FedModel
+from common.fed_model import FedModel
 from common.config import LayerPolicyConfig
+from common.state_groups import ParameterGroups
 
 logger = logging.getLogger(__name__)
 
@@ -63,29 +64,6 @@ class LayerPolicy:
     @property
     def trainable(self) -> tuple[str, ...]:
         return self.shared + self.local
-
-
-@dataclass
-class ParameterGroups:
-    """State-dict key names of each group; every key of the model's state dict is in exactly one list."""
-
-    frozen: list[str] = field(default_factory=list)
-    shared: list[str] = field(default_factory=list)
-    local: list[str] = field(default_factory=list)
-
-    def group_of(self, key: str) -> str:
-        """``"frozen"``, ``"shared"`` or ``"local"`` for state-dict key ``key``."""
-        for group in ("frozen", "shared", "local"):
-            if key in getattr(self, group):
-                return group
-        raise KeyError(f"{key!r} is in no group")
-
-    def sizes(self, state_dict: Mapping[str, Tensor]) -> dict[str, int]:
-        """Number of values per group in ``state_dict`` (for logs and reports)."""
-        return {
-            group: sum(state_dict[key].numel() for key in getattr(self, group))
-            for group in ("frozen", "shared", "local")
-        }
 
 
 def default_policy(architecture: str) -> LayerPolicy:
@@ -267,3 +245,13 @@ def apply_policy(model: FedModel, policy: LayerPolicy) -> ParameterGroups:
         model.architecture, sizes["frozen"], sizes["shared"], sizes["local"], ", ".join(policy.shared),
     )
     return groups
+
+
+def first_trainable_stage(model: FedModel, policy: LayerPolicy) -> int:
+    """Index of the first stage holding a parameter under a shared or local prefix (``len(stages)`` if none)."""
+    prefixes = tuple(policy.shared) + tuple(policy.local)
+    for index, (stage_name, stage) in enumerate(model.stages.items()):
+        for param_name, _ in stage.named_parameters(prefix=f"stages.{stage_name}"):
+            if any(_is_under(param_name, prefix) for prefix in prefixes):
+                return index
+    return len(model.stages)

@@ -35,7 +35,7 @@ from common.atomic_io import atomic_torch_save
 from common.config import ModelConfig
 
 if TYPE_CHECKING:
-    from common.backbones import FedModel
+    from common.fed_model import FedModel
 
 logger = logging.getLogger(__name__)
 

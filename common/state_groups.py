@@ -1,6 +1,6 @@
 """Cutting a model state into its frozen / shared / local parts, and putting parts back together.
 
-``split_state`` sorts a state dict by the :class:`~common.layer_policy.ParameterGroups` of a
+``split_state`` sorts a state dict by the :class:`ParameterGroups` of a
 model; ``merge_state`` joins parts (say, the frozen backbone from the coordinator, the global
 shared layers and the site's own head) and checks the result against the model's own state:
 every expected tensor present exactly once, nothing extra, same shape, same dtype. Each
@@ -10,14 +10,34 @@ failure raises :class:`StateMismatchError` naming the tensor.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from common.layer_policy import ParameterGroups
-
 GROUP_NAMES: tuple[str, str, str] = ("frozen", "shared", "local")
+
+
+@dataclass
+class ParameterGroups:
+    """State-dict key names of each group; every key of the model's state dict is in exactly one list."""
+
+    frozen: list[str] = field(default_factory=list)
+    shared: list[str] = field(default_factory=list)
+    local: list[str] = field(default_factory=list)
+
+    def group_of(self, key: str) -> str:
+        """``"frozen"``, ``"shared"`` or ``"local"`` for state-dict key ``key``."""
+        for group in ("frozen", "shared", "local"):
+            if key in getattr(self, group):
+                return group
+        raise KeyError(f"{key!r} is in no group")
+
+    def sizes(self, state_dict: Mapping[str, Tensor]) -> dict[str, int]:
+        """Number of values per group in ``state_dict`` (for logs and reports)."""
+        return {
+            group: sum(state_dict[key].numel() for key in getattr(self, group))
+            for group in ("frozen", "shared", "local")
+        }
 
 
 class StateMismatchError(ValueError):

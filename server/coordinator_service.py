@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from common.daemon_setup import FlowerNotInstalled, configure_logging
+from common.daemon_setup import flower_executable as installed_flower_executable
 from server.control_gate import GateSettings, build_gate_server
 from server.federation_pki import FederationPki
 
@@ -94,13 +96,10 @@ class CoordinatorSettings:
 
 def flower_executable(name: str) -> str:
     """Path of a Flower console script installed next to this Python (the pinned flwr)."""
-    candidate = Path(sys.executable).parent / name
-    if candidate.exists():
-        return str(candidate)
-    raise CoordinatorError(
-        f"'{name}' is not installed next to {sys.executable}; install fedtl in this environment "
-        "(pip install -e .) so that the pinned flwr and its commands are present"
-    )
+    try:
+        return installed_flower_executable(name)
+    except FlowerNotInstalled as exc:
+        raise CoordinatorError(str(exc)) from None
 
 
 def coordinator_env(settings: CoordinatorSettings, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -422,8 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return init_pki_main(argv[1:])
     args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging()
     try:
         if args.command == "start":
             settings = CoordinatorSettings(

@@ -54,7 +54,8 @@ def worker(mode: str, images_count: int, image_size: int, batch_size: int, cache
     from client.privacy_budget import PrivacyLedger
     from client.privacy_plan import sample_rate_for, steps_per_epoch
     from client.trunk_feature_cache import split_trunk_features
-    from common.backbones import build_backbone, first_trainable_stage
+    from common.backbones import build_backbone
+    from common.layer_policy import first_trainable_stage
     from common.config import ModelConfig, PrivacyConfig, TrainingConfig
     from common.layer_policy import apply_policy, default_policy
     from common.row_files import scratch_rows

@@ -369,7 +369,7 @@ def run_fedtl(spec: TrainingBenchSpec, private: bool) -> dict[str, Any]:
     """Trunk once, then ``train_tail`` (warm-up call, then the timed call)."""
     from client.privacy_plan import sample_rate_for
     from client.trunk_feature_cache import compute_trunk_features
-    from common.backbones import first_trainable_stage
+    from common.layer_policy import first_trainable_stage
 
     device = torch.device(spec.device)
     model, policy, groups = _model_and_groups(spec)
@@ -492,7 +492,7 @@ def check_shipping_ghost_backward(
 def run_profile(spec: TrainingBenchSpec, repeats: int = 7) -> dict[str, Any]:
     """Per-phase timing of the DP step on one batch of cached trunk features."""
     from client.trunk_feature_cache import compute_trunk_features
-    from common.backbones import first_trainable_stage
+    from common.layer_policy import first_trainable_stage
     from simulations.bench_dp_profile import profile_dp_step
 
     device = torch.device(spec.device)

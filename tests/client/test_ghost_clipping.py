@@ -31,7 +31,8 @@ from client import local_training
 from client.local_training import train_tail
 from client.privacy_budget import PrivacyLedger
 from client.privacy_plan import sample_rate_for, steps_per_epoch
-from common.backbones import build_backbone, first_trainable_stage
+from common.backbones import build_backbone
+from common.layer_policy import first_trainable_stage
 from common.config import ModelConfig, PrivacyConfig, TrainingConfig
 from common.layer_policy import apply_policy, default_policy
 

@@ -23,7 +23,9 @@ from client.local_training import train_tail
 from client.privacy_budget import PrivacyLedger
 from client.privacy_plan import sample_rate_for, steps_per_epoch
 from client.trunk_feature_cache import SplitInputs, split_trunk_features
-from common.backbones import FedModel, build_backbone, first_trainable_stage
+from common.backbones import build_backbone
+from common.fed_model import FedModel
+from common.layer_policy import first_trainable_stage
 from common.config import ModelConfig, PrivacyConfig, TrainingConfig
 from common.layer_policy import LayerPolicy, apply_policy, default_policy
 

@@ -11,7 +11,9 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from common.config import Architecture
-from common.backbones import FedModel, LocalHead, build_backbone, first_trainable_stage, from_torchvision_state
+from common.backbones import build_backbone, from_torchvision_state
+from common.fed_model import FedModel, LocalHead
+from common.layer_policy import first_trainable_stage
 from common.config import ModelConfig
 from common.layer_policy import LayerPolicy, default_policy
 from common.model_weights import WeightsError

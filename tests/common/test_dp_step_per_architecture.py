@@ -24,7 +24,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision.ops import StochasticDepth
 
 from common.config import Architecture
-from common.backbones import FedModel, first_trainable_stage, from_torchvision_state
+from common.backbones import from_torchvision_state
+from common.fed_model import FedModel
+from common.layer_policy import first_trainable_stage
 from common.config import ModelConfig
 from common.layer_policy import ParameterGroups, apply_policy, default_policy
 from common.opacus_compat import BatchFirstDPMultiheadAttention, LayerScale

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from common.config import Architecture
-from common.backbones import FedModel, build_backbone
+from common.backbones import build_backbone
+from common.fed_model import FedModel
 from common.config import LayerPolicyConfig, ModelConfig
 from common.layer_policy import (
     LayerPolicy,
