@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(VENV)/bin/fedtl simulate --config simulations/configs/demo.toml --out runs/demo --overwrite
 
 bench: $(STAMP)
-	$(PY) -m simulations.benchmark --out runs/bench.json
+	$(PY) -m simulations.benchmarks.benchmark --out runs/bench.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

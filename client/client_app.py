@@ -1,6 +1,6 @@
 """The hospital's Flower ClientApp: install backbone, train, evaluate.
 
-Train and evaluate messages bring the global shared layers as a ``common.global_sync`` downlink
+Train and evaluate messages bring the global shared layers as a ``common.wire.global_sync`` downlink
 (nothing, a delta from the copy the site holds, or full weights); the site rebuilds them, checks
 their id, keeps them in its state directory and answers ``need-global`` when it cannot.
 
@@ -25,8 +25,8 @@ from client.site_settings import SiteDirectory, SiteSettings, settings_from_node
 from client.site_state import SiteState
 from common import wire_contract as wc
 from common.config import FederationConfig
-from common.global_sync import Downlink, GlobalOutOfSync, apply_downlink
-from common.update_encoding import EncodedUpdate, encode_update
+from common.wire.global_sync import Downlink, GlobalOutOfSync, apply_downlink
+from common.wire.update_encoding import EncodedUpdate, encode_update
 
 logger = logging.getLogger(__name__)
 

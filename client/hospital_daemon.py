@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from common.daemon_setup import FlowerNotInstalled, configure_logging, flower_executable
-from common.memory_budget import STORAGE_CHOICES
+from common.data.memory_budget import STORAGE_CHOICES
 from client.supernode_record import DAEMON_RECORD
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,7 @@
   answers ``GET /health`` over TLS verified against the federation CA;
 * backbone: the fingerprint(s) cached under ``STATE_DIR/backbones/<fingerprint>.pt`` (newest first);
 * privacy budget: target, spent and remaining epsilon from ``STATE_DIR/ledger.json``
-  (:class:`client.privacy_budget.PrivacyLedger`, read-only).
+  (:class:`client.privacy.privacy_budget.PrivacyLedger`, read-only).
 
 Exit code 0 when connected, 1 otherwise, so it can serve as a container health check.
 Nothing here writes to the state directory.
@@ -116,7 +116,7 @@ def privacy_status(state_dir: Path) -> PrivacyStatus:
     if not path.exists():
         return PrivacyStatus(error=f"{path} does not exist yet (no private round trained)")
     try:
-        from client.privacy_budget import PrivacyLedger  # heavy (Opacus); only when a ledger exists
+        from client.privacy.privacy_budget import PrivacyLedger  # heavy (Opacus); only when a ledger exists
 
         # PrivacyLedger.load settles a pending reservation by rewriting the file; a running round
         # owns that file, so the health check loads a private copy and never writes the real one.

@@ -2,7 +2,7 @@
 
 A hospital starts its SuperNode with ``--node-config "manifest='...' state-dir='...' site-name='...'"``
 (``fedtl-hospital start`` writes that file), optionally with ``device`` and ``storage`` (where images
-and trunk features live while training: ``auto``, ``memory`` or ``disk``, see ``common.memory_budget``).
+and trunk features live while training: ``auto``, ``memory`` or ``disk``, see ``common.data.memory_budget``).
 In simulation, the simulation runtime gives each virtual node a ``partition-id`` that the
 simulation maps to a synthetic hospital (see ``SiteDirectory``).
 """
@@ -16,7 +16,7 @@ from typing import Mapping
 
 import torch
 
-from common.memory_budget import Storage, check_storage
+from common.data.memory_budget import Storage, check_storage
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class SiteSettings:
     decoded_cache_dir: Path | None = None  # default: <state_dir>/decoded; safe to share (keyed by file content)
     features_cache_dir: Path | None = None  # default: <state_dir>/features; safe to share (keyed by backbone,
     # preprocessing, cut point, image content and split)
-    storage: Storage = "auto"  # images and trunk features in RAM, or memory-mapped on disk (common.memory_budget)
+    storage: Storage = "auto"  # images and trunk features in RAM, or memory-mapped on disk (common.data.memory_budget)
 
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)

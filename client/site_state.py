@@ -5,7 +5,7 @@ here, on the site's own disk, and never leaves the site.
 
 Layout of ``<root>/``::
 
-    ledger.json                 privacy budget (client.privacy_budget.PrivacyLedger); NEVER delete
+    ledger.json                 privacy budget (client.privacy.privacy_budget.PrivacyLedger); NEVER delete
     local_head.pt               the site's private layers (state dict + backbone fingerprint)
     global_layers.pt            the coordinator's global shared layers as last received (version id + tensors)
     rounds.json                 round bookkeeping: last round trained, status/epsilon per round
@@ -22,7 +22,7 @@ editing) is handled by how much it matters:
 * local head: a warning, and the head is re-initialised (the site loses its personalisation,
   not its privacy).
 * global layers: a warning; the site answers ``need-global`` and gets the full weights again.
-* ledger: :class:`client.privacy_budget.LedgerCorruptError`; the site refuses to train until an
+* ledger: :class:`client.privacy.privacy_budget.LedgerCorruptError`; the site refuses to train until an
   admin restores the file. A missing ledger while ``rounds.json`` shows privacy already spent
   is refused the same way.
 """
@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from client.privacy_budget import LedgerCorruptError, PrivacyLedger
+from client.privacy.privacy_budget import LedgerCorruptError, PrivacyLedger
 from common.atomic_io import atomic_torch_save, atomic_write_json
 from common.wire_contract import STATUS_OK, STATUS_VALUES
 
@@ -58,7 +58,7 @@ class BackboneCacheError(SiteStateError):
 
 
 def tensor_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
-    """The backbone fingerprint of ``tensors``: ``common.model_weights.fingerprint`` if present.
+    """The backbone fingerprint of ``tensors``: ``common.models.model_weights.fingerprint`` if present.
 
     Falls back to a local SHA-256 over names, dtypes, shapes and bytes only while that module
     does not exist yet.
@@ -71,7 +71,7 @@ def tensor_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
 
 def _fingerprint_function() -> Callable[[Mapping[str, torch.Tensor]], str]:
     try:
-        from common.model_weights import fingerprint
+        from common.models.model_weights import fingerprint
     except ImportError:
         return _sha256_fingerprint
     return fingerprint

@@ -31,9 +31,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from common.fed_model import FedModel
-from common.memory_budget import Storage, resolve_storage
-from common.row_files import DamagedRowFile, RowFileWriter, open_rows, scratch_rows
+from common.models.fed_model import FedModel
+from common.data.memory_budget import Storage, resolve_storage
+from common.data.row_files import DamagedRowFile, RowFileWriter, open_rows, scratch_rows
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ Coordinator -> site
   train      : ConfigRecord CONFIG, and when the site does not yet hold the round's global shared
                layers (CONFIG_GLOBAL_ID): ArrayRecord SHARED (full float32 weights when
                CONFIG_GLOBAL_BASE is "", else an fp16/int8 delta from the copy the site holds) and,
-               for int8, ArrayRecord SHARED_SCALE (see ``common.global_sync``)
+               for int8, ArrayRecord SHARED_SCALE (see ``common.wire.global_sync``)
   evaluate   : the same as train
   query      : (backbone install) ArrayRecord BACKBONE (frozen + initial shared tensors), ConfigRecord CONFIG
 

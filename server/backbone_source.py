@@ -2,7 +2,7 @@
 
 ImageNet weights cannot be downloaded on an offline coordinator, so for the built-in default
 the coordinator pretrains the backbone once on the synthetic "public source" dataset (a related
-task, see ``common.synthetic_hospitals``), caches it as a fedtl checkpoint and fingerprints it.
+task, see ``common.data.synthetic_hospitals``), caches it as a fedtl checkpoint and fingerprints it.
 When ``model.weights`` (a torchvision weights name in the local torch cache) or
 ``model.checkpoint`` is configured, that is used instead. The report names the source.
 """
@@ -21,18 +21,18 @@ from tqdm import tqdm
 
 import torchvision
 
-from common.backbones import build_backbone, from_torchvision_state
+from common.models.backbones import build_backbone, from_torchvision_state
 from common.config import FederationConfig, ModelConfig
-from common.image_preprocessing import Preprocessing
-from common.layer_policy import apply_policy, resolve_policy
-from common.model_weights import (
+from common.data.image_preprocessing import Preprocessing
+from common.models.layer_policy import apply_policy, resolve_policy
+from common.models.model_weights import (
     backbone_normalization,
     fingerprint,
     load_backbone_checkpoint,
     save_backbone_checkpoint,
 )
-from common.site_dataset import load_site_dataset
-from common.synthetic_hospitals import PUBLIC_CLASS_NAMES, generate_public_source
+from common.data.site_dataset import load_site_dataset
+from common.data.synthetic_hospitals import PUBLIC_CLASS_NAMES, generate_public_source
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from flwr.serverapp import Grid
 
 from common import wire_contract as wc
 from common.config import FederationConfig
-from common.update_encoding import EncodedUpdate, UpdateEncodingError, decode_update
+from common.wire.update_encoding import EncodedUpdate, UpdateEncodingError, decode_update
 from server.aggregation import Update, make_aggregator
 from server.backbone_source import PreparedBackbone
 from server.checkpoints import latest_checkpoint, save_checkpoint

@@ -1,4 +1,4 @@
-"""The coordinator's side of ``common.global_sync``: which version each site holds, what to send it.
+"""The coordinator's side of ``common.wire.global_sync``: which version each site holds, what to send it.
 
 The broadcast keeps the current global version (the weights every up-to-date site holds), the
 delta from the previous version, and for every node the version its latest reply said it holds
@@ -16,8 +16,8 @@ import torch
 from flwr.app import ArrayRecord, Message
 
 from common import wire_contract as wc
-from common.global_sync import Downlink, PublishedVersion, encode_downlink, global_id
-from common.update_encoding import Encoding
+from common.wire.global_sync import Downlink, PublishedVersion, encode_downlink, global_id
+from common.wire.update_encoding import Encoding
 
 logger = logging.getLogger(__name__)
 

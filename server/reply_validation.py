@@ -17,7 +17,7 @@ Three outcomes per reply:
 Every outcome except Rejection carries the STATUS record's ``site_name`` (the name the site's
 admin configured; checked to be plain text) and backbone ``fingerprint`` when sent.
 
-Decoding fp16/int8 updates is left to the caller (``common.update_encoding.decode_update``);
+Decoding fp16/int8 updates is left to the caller (``common.wire.update_encoding.decode_update``);
 ``ValidReply`` has the ``.tensors`` and ``.scales`` that function reads.
 """
 

@@ -32,8 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import ArrayRecord
 
 from common.atomic_io import atomic_write_json, atomic_write_text
 
@@ -68,22 +67,6 @@ def site_name(node_id: int) -> str:
 def array_record_nbytes(record: ArrayRecord) -> int:
     """Payload bytes of an ArrayRecord: the sum of its serialized Array data lengths."""
     return sum(len(array.data) for array in record.values())
-
-
-def content_nbytes(content: RecordDict) -> int:
-    """Tensor payload bytes of a message: the sum over its ArrayRecords."""
-    return sum(array_record_nbytes(record) for record in content.array_records.values())
-
-
-def tensors_nbytes(tensors: Mapping[str, np.ndarray | torch.Tensor]) -> int:
-    """Raw bytes of a tensor dict (numpy ``nbytes`` / torch ``numel * element_size``)."""
-    total = 0
-    for value in tensors.values():
-        if isinstance(value, torch.Tensor):
-            total += value.numel() * value.element_size()
-        else:
-            total += int(np.asarray(value).nbytes)
-    return total
 
 
 class RunRecorder:

@@ -38,7 +38,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _quality_report(args: argparse.Namespace) -> int:
-    from common.data_quality import main as quality_main
+    from common.data.data_quality import main as quality_main
 
     return int(quality_main([str(args.manifest), *args.extra]) or 0)
 

@@ -22,7 +22,7 @@ from client.client_app import make_client_app
 from client.site_settings import SiteSettings
 from common.config import FederationConfig
 from common.atomic_io import atomic_write_json
-from common.synthetic_hospitals import default_site_sizes, generate_federation
+from common.data.synthetic_hospitals import default_site_sizes, generate_federation
 from server.server_app import make_server_app
 
 logger = logging.getLogger(__name__)

@@ -21,10 +21,10 @@ from client.personal_head import PersonalHead, balanced_weights, fit_logistic, f
 from client.site_session import SiteSession
 from client.site_settings import SiteSettings
 from client.site_state import SiteState, tensor_fingerprint
-from common.backbones import build_backbone
+from common.models.backbones import build_backbone
 from common.config import FederationConfig
-from common.layer_policy import apply_policy, resolve_policy
-from common.synthetic_hospitals import generate_federation
+from common.models.layer_policy import apply_policy, resolve_policy
+from common.data.synthetic_hospitals import generate_federation
 
 
 

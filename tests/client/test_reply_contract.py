@@ -19,9 +19,9 @@ from client.client_app import make_client_app
 from client.site_state import SiteState
 from common import wire_contract as wc
 from common.config import FederationConfig
-from common.site_manifest import load_manifest
-from common.synthetic_hospitals import generate_federation
-from common.global_sync import Downlink, global_id
+from common.data.site_manifest import load_manifest
+from common.data.synthetic_hospitals import generate_federation
+from common.wire.global_sync import Downlink, global_id
 from server.backbone_source import prepare_backbone
 from server.global_broadcast import downlink_records
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.privacy_budget import LedgerCorruptError, PrivacyLedger
+from client.privacy.privacy_budget import LedgerCorruptError, PrivacyLedger
 from client.site_state import BackboneCacheError, SiteState, SiteStateError, tensor_fingerprint
 from common.wire_contract import STATUS_DECLINED_BUDGET, STATUS_OK
 

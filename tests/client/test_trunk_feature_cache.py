@@ -19,15 +19,15 @@ import pytest
 import torch
 
 from client import trunk_feature_cache
-from client.local_training import train_tail
-from client.privacy_budget import PrivacyLedger
-from client.privacy_plan import sample_rate_for, steps_per_epoch
+from client.dp.local_training import train_tail
+from client.privacy.privacy_budget import PrivacyLedger
+from client.privacy.privacy_plan import sample_rate_for, steps_per_epoch
 from client.trunk_feature_cache import SplitInputs, split_trunk_features
-from common.backbones import build_backbone
-from common.fed_model import FedModel
-from common.layer_policy import first_trainable_stage
+from common.models.backbones import build_backbone
+from common.models.fed_model import FedModel
+from common.models.layer_policy import first_trainable_stage
 from common.config import ModelConfig, PrivacyConfig, TrainingConfig
-from common.layer_policy import LayerPolicy, apply_policy, default_policy
+from common.models.layer_policy import LayerPolicy, apply_policy, default_policy
 
 TRAIN_IDX = [5, 0, 3, 7, 1, 9]
 TEST_IDX = [2, 8, 4, 6]

@@ -1,6 +1,6 @@
 """A real federation on loopback: coordinator (SuperLink + gate), hospitals (SuperNodes), and cleanup.
 
-Everything runs as the real commands an operator would type (``python -m server.coordinator_service
+Everything runs as the real commands an operator would type (``python -m server.ops.coordinator_service
 start``, ``python -m client.hospital_daemon start``, ``flwr``), each with its own free ports, its own
 FLWR_HOME and its own log file under the test's temporary directory. :class:`ProcessSupervisor`
 starts every command in its own process group and, on ``stop_all``, terminates the groups AND every
@@ -24,14 +24,14 @@ from pathlib import Path
 
 from client.hospital_daemon import HospitalSettings, prepare_site, supernode_env
 from client.site_health import probe_superlink
-from server.coordinator_service import (
+from server.ops.coordinator_service import (
     IN_MEMORY_DATABASE,
     CoordinatorSettings,
     coordinator_env,
     flower_executable,
     submit_run,
 )
-from server.federation_pki import FederationPki, init_pki
+from server.ops.federation_pki import FederationPki, init_pki
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FIXTURE_APP = Path(__file__).resolve().parent / "fixture_app"
@@ -389,11 +389,11 @@ def _child_env() -> dict[str, str]:
 def start_coordinator(
     settings: CoordinatorSettings, pki: FederationPki, supervisor: ProcessSupervisor, timeout_s: float = 60
 ) -> ManagedProcess:
-    """``server.coordinator_service start`` with ``settings``; returns once the gate answers over TLS."""
+    """``server.ops.coordinator_service start`` with ``settings``; returns once the gate answers over TLS."""
     argv = [
         sys.executable,
         "-m",
-        "server.coordinator_service",
+        "server.ops.coordinator_service",
         "start",
         "--pki",
         str(settings.pki_dir),

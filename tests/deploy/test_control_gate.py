@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.control_gate import FleetOnlyGate, GateSettings, is_forwarded
+from server.ops.control_gate import FleetOnlyGate, GateSettings, is_forwarded
 
 
 @pytest.mark.parametrize(
@@ -54,7 +54,7 @@ def test_refused_request_never_reaches_the_superlink(tmp_path: Path) -> None:
 
 
 def test_fleet_call_to_a_superlink_that_is_down_answers_502_so_supernodes_retry(tmp_path: Path) -> None:
-    from server.federation_pki import init_pki
+    from server.ops.federation_pki import init_pki
 
     pki = init_pki(tmp_path)
     gate = FleetOnlyGate(GateSettings(upstream="https://127.0.0.1:9", ca_cert=pki.ca_cert))

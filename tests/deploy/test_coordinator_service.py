@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from flwr.cli.flower_config import read_superlink_connection
 
-from server.coordinator_service import (
+from server.ops.coordinator_service import (
     PROFILE_NAME,
     CoordinatorError,
     CoordinatorSettings,
@@ -17,7 +17,7 @@ from server.coordinator_service import (
     superlink_command,
     write_connection_profile,
 )
-from server.federation_pki import init_pki
+from server.ops.federation_pki import init_pki
 
 
 @pytest.fixture

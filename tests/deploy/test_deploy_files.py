@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from client.hospital_daemon import build_parser as hospital_parser
-from server.coordinator_service import build_parser as coordinator_parser
+from server.ops.coordinator_service import build_parser as coordinator_parser
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
@@ -39,7 +39,7 @@ def _dockerfile_instruction(name: str, instruction: str) -> list[str]:
 
 
 def test_coordinator_unit_runs_a_valid_start_command_on_loopback_link() -> None:
-    args = coordinator_parser().parse_args(_after_module(_exec_start("fedtl-coordinator.service"), "server.coordinator_service"))
+    args = coordinator_parser().parse_args(_after_module(_exec_start("fedtl-coordinator.service"), "server.ops.coordinator_service"))
 
     assert args.command == "start"
     assert args.public_port != args.link_port
@@ -57,7 +57,7 @@ def test_coordinator_image_starts_the_same_command() -> None:
     entrypoint = _dockerfile_instruction("Dockerfile.coordinator", "ENTRYPOINT")
     cmd = _dockerfile_instruction("Dockerfile.coordinator", "CMD")
 
-    assert entrypoint == ["python", "-m", "server.coordinator_service"]
+    assert entrypoint == ["python", "-m", "server.ops.coordinator_service"]
     assert coordinator_parser().parse_args(cmd).command == "start"
 
 

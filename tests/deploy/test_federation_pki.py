@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from flwr.cli.supernode.register import try_load_public_key
 
-from server.federation_pki import PkiError, init_pki, main
+from server.ops.federation_pki import PkiError, init_pki, main
 
 
 def _mode(path: Path) -> int:

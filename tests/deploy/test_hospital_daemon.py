@@ -16,7 +16,7 @@ from client.hospital_daemon import (
     supernode_env,
 )
 from client.site_settings import SiteSettingsError, settings_from_node_config
-from server.federation_pki import init_pki
+from server.ops.federation_pki import init_pki
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.coordinator_service import register_public_keys
-from server.federation_pki import init_pki
+from server.ops.coordinator_service import register_public_keys
+from server.ops.federation_pki import init_pki
 from tests.deploy.harness import FIXTURE_APP, REPO_ROOT, LoopbackFederation
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]

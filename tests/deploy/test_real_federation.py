@@ -1,6 +1,6 @@
 """The real fedtl apps over TLS + node authentication on loopback, and the faults they must survive.
 
-Each scenario is one coordinator (``server.coordinator_service start``: SuperLink behind the
+Each scenario is one coordinator (``server.ops.coordinator_service start``: SuperLink behind the
 Fleet-only gate) and three hospitals (``client.hospital_daemon start``), each with tiny synthetic
 data and its own state dir. Runs are submitted from the coordinator's own profile with the app in
 ``real_app/``: the production ServerApp and ClientApp, the ClientApp wrapped so that a site whose
@@ -37,10 +37,10 @@ from typing import Any
 
 import pytest
 
-from client.privacy_budget import PrivacyLedger
+from client.privacy.privacy_budget import PrivacyLedger
 from client.site_state import SiteState
 from common.config import FederationConfig
-from common.synthetic_hospitals import generate_federation
+from common.data.synthetic_hospitals import generate_federation
 from server.backbone_source import PreparedBackbone, prepare_backbone
 from server.checkpoints import checkpoint_dir, latest_checkpoint
 from tests.deploy.harness import REAL_APP, LoopbackFederation, ProcessSupervisor, start_loopback_federation

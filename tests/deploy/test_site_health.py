@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from client.privacy_budget import PrivacyLedger
+from client.privacy.privacy_budget import PrivacyLedger
 from client.site_health import check_site, main, render
 
 

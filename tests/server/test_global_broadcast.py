@@ -8,7 +8,7 @@ import torch
 from flwr.app import ConfigRecord, Message, Metadata, RecordDict
 
 from common import wire_contract as wc
-from common.global_sync import FULL_WEIGHTS_BASE, apply_downlink
+from common.wire.global_sync import FULL_WEIGHTS_BASE, apply_downlink
 from server.global_broadcast import GlobalBroadcast, downlink_records
 
 

@@ -1,0 +1,164 @@
+"""Local fine-tuning of the trainable tail (shared layers + local head), with or without DP.
+
+Under DP every step is DP-SGD through Opacus: Poisson sampling, per-sample clipping (ghost
+clipping by default, with fedtl's convolution norm samplers), Gaussian noise on every trainable
+parameter, shared and local. In ghost mode the backward is ``client.dp.ghost_clipping``'s:
+Opacus' two passes, the first one computing no parameter gradients. The accountant comes from
+the site's ledger, so the epsilon after this call is the site's cumulative one. FedProx's
+proximal gradient is added after privatisation, where Opacus cannot drop it (see
+``client.dp.proximal``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import common.models.conv_norm_samplers  # noqa: F401 - registers Opacus norm samplers for convolutions
+from client.dp.fused_noise_optimizer import use_fused_noise
+from client.dp.ghost_clipping import DirectWeightGradients, TrainableInputLeaves, ghost_clipped_backward
+from client.privacy.privacy_budget import PrivacyLedger
+from client.dp.proximal import dp_step_with_proximal
+from common.config import PrivacyConfig, TrainingConfig
+
+logger = logging.getLogger(__name__)
+
+Augment = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainingOutcome:
+    """What one round of local training produced (aggregates only)."""
+
+    mean_loss: float
+    steps: int
+    num_examples: int
+
+
+def train_tail(
+    tail: nn.Module,
+    inputs: torch.Tensor,
+    clinical: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    named_shared: list[tuple[str, nn.Parameter]],
+    named_local: list[tuple[str, nn.Parameter]],
+    training: TrainingConfig,
+    privacy: PrivacyConfig,
+    ledger: PrivacyLedger | None,
+    global_shared: Mapping[str, torch.Tensor] | None,
+    proximal_mu: float,
+    class_weights: torch.Tensor | None,
+    device: torch.device,
+    seed: int,
+    augment: Augment | None = None,
+) -> TrainingOutcome:
+    """Train ``tail(inputs, clinical) -> logits`` for ``training.local_epochs`` epochs."""
+    if len(inputs) == 0:
+        raise ValueError("this site has no training images; check its manifest and the split")
+    generator = torch.Generator().manual_seed(seed)
+    tail.to(device).train()
+    params = [p for _, p in named_shared] + [p for _, p in named_local]
+    optimizer: torch.optim.Optimizer = torch.optim.SGD(
+        params, lr=training.learning_rate, momentum=training.momentum
+    )
+    weight = class_weights.to(device) if class_weights is not None else None
+    criterion = nn.CrossEntropyLoss(weight=weight)
+    dataset = TensorDataset(inputs, clinical, labels)
+    loader = DataLoader(dataset, batch_size=training.batch_size, shuffle=True, generator=generator)
+    global_on_device = (
+        {name: tensor.to(device) for name, tensor in global_shared.items()} if global_shared else None
+    )
+
+    dp_module = None
+    if privacy.enabled:
+        if ledger is None:
+            raise ValueError("DP is on but no privacy ledger was given")
+        from opacus import PrivacyEngine
+
+        engine = PrivacyEngine(accountant=ledger.accountant_kind)
+        ledger.attach(engine)  # before make_private: Opacus binds its step hook to this accountant
+        ledger.reserve(training.local_epochs * len(loader))  # a crash mid-round still counts as spent
+        made = engine.make_private(
+            module=tail,
+            optimizer=optimizer,
+            criterion=criterion,
+            data_loader=loader,
+            noise_multiplier=ledger.noise_multiplier,
+            max_grad_norm=privacy.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode=privacy.grad_sample_mode,
+            noise_generator=torch.Generator(device=device).manual_seed(seed + 1),
+        )
+        if privacy.grad_sample_mode == "ghost":
+            dp_module, optimizer, criterion, loader = made
+            optimizer = use_fused_noise(optimizer)  # same noised gradients, fewer copies per step
+        else:
+            dp_module, optimizer, loader = made
+        model_call: nn.Module = dp_module
+    else:
+        engine = None
+        model_call = tail
+
+    fast_ghost = dp_module is not None and privacy.grad_sample_mode == "ghost"
+    direct = DirectWeightGradients.attach(tail) if fast_ghost else None
+    input_leaves = TrainableInputLeaves.attach(tail) if fast_ghost else None
+    losses: list[float] = []
+    steps = 0
+    try:
+        for _epoch in range(training.local_epochs):
+            for batch_inputs, batch_clinical, batch_labels in loader:
+                optimizer.zero_grad(set_to_none=True)
+                if len(batch_labels) == 0:
+                    # Poisson sampling can draw an empty batch: the step still happens (noise only).
+                    for p in params:
+                        p.grad = torch.zeros_like(p)
+                else:
+                    batch_inputs = batch_inputs.to(device, non_blocking=True)
+                    batch_clinical = batch_clinical.to(device)
+                    if augment is not None:
+                        batch_inputs = augment(batch_inputs)
+                    if input_leaves is not None:
+                        input_leaves.start_batch()
+                    logits = model_call(batch_inputs, batch_clinical)
+                    loss = criterion(logits, batch_labels.to(device))
+                    if input_leaves is not None:
+                        ghost_clipped_backward(loss, dp_module, input_leaves.leaves(), direct)
+                    else:
+                        loss.backward()
+                    losses.append(float(loss.item()))
+                dp_step_with_proximal(optimizer, named_shared, global_on_device, proximal_mu)
+                steps += 1
+    finally:
+        if direct is not None:
+            direct.close()
+        if input_leaves is not None:
+            input_leaves.close()
+        if dp_module is not None:
+            dp_module._close()  # remove Opacus hooks so the next round does not stack them
+        if ledger is not None and engine is not None:
+            ledger.record(engine.accountant)
+    mean_loss = sum(losses) / len(losses) if losses else float("nan")
+    return TrainingOutcome(mean_loss=mean_loss, steps=steps, num_examples=len(inputs))
+
+
+def random_flip_and_shift(max_shift: int = 4, generator: torch.Generator | None = None) -> Augment:
+    """A light augmentation: random horizontal flip and a small random translation per image.
+
+    ``generator`` (CPU) makes the draws reproducible whatever else the process did before.
+    """
+
+    def augment(batch: torch.Tensor) -> torch.Tensor:
+        if batch.dim() != 4:
+            return batch
+        flip = (torch.rand(len(batch), generator=generator) < 0.5).to(batch.device)
+        batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+        dx, dy = (int(v) for v in torch.randint(-max_shift, max_shift + 1, (2,), generator=generator))
+        return torch.roll(batch, shifts=(dy, dx), dims=(-2, -1))
+
+    return augment

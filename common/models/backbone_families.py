@@ -1,0 +1,461 @@
+"""Turning a torchvision model into DP-safe named stages, one recipe per architecture family.
+
+A recipe takes a freshly built (and possibly weight-loaded) torchvision model and returns
+:class:`TrunkParts`: the ordered stages of the image trunk, the pooling, an optional final
+norm and the pooled feature size. Before splitting, :func:`make_opacus_safe` rewrites the model
+so that DP-SGD is sound and does not crash:
+
+* every ``BatchNorm2d`` becomes ``torchvision.ops.misc.FrozenBatchNorm2d`` with the same
+  statistics (it never mixes samples, even after ``model.train()``);
+* every ``inplace=True`` activation / dropout is switched to out-of-place;
+* residual blocks that add the shortcut in place (ResNet ``BasicBlock``/``Bottleneck``,
+  EfficientNet ``MBConv``/``FusedMBConv``, MobileNetV3 ``InvertedResidual``, ConvNeXt
+  ``CNBlock``) get an out-of-place forward (the instance's class is swapped for a subclass);
+* ConvNeXt's raw ``layer_scale`` parameter moves into a :class:`~common.models.opacus_compat.LayerScale`
+  module, and ViT's ``nn.MultiheadAttention`` becomes an Opacus ``DPMultiheadAttention``
+  (:class:`~common.models.opacus_compat.BatchFirstDPMultiheadAttention`) with the same weights.
+
+The first convolution is folded to one input channel (filters summed over RGB) when asked.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from opacus.layers import DPMultiheadAttention
+from torch import Tensor, nn
+from torchvision.models.convnext import CNBlock
+from torchvision.models.efficientnet import FusedMBConv, MBConv
+from torchvision.models.mobilenetv3 import InvertedResidual
+from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.vision_transformer import EncoderBlock
+from torchvision.ops.misc import Permute
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from common.models.opacus_compat import BatchFirstDPMultiheadAttention, LayerScale
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter-free building blocks
+# ---------------------------------------------------------------------------------------------
+
+
+class GlobalAveragePool(nn.Module):
+    """``(N, C, H, W) -> (N, C)``: mean over the spatial positions."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean(dim=(2, 3))
+
+
+class ClassTokenPool(nn.Module):
+    """``(N, L, D) -> (N, D)``: the class token (position 0) of a token sequence."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x[:, 0]
+
+
+class PatchEmbedding(nn.Module):
+    """ViT input stage: patchify with ``conv_proj``, prepend the class token, add position embeddings.
+
+    Args:
+        conv_proj: the patch projection (kernel = stride = ``patch_size``).
+        class_token: ``(1, 1, D)`` learnable class token.
+        pos_embedding: ``(1, 1 + (image_size / patch_size)^2, D)`` position embeddings.
+        dropout: dropout probability applied after adding position embeddings.
+        image_size: square input side this embedding was made for.
+        patch_size: side of one patch.
+    """
+
+    def __init__(
+        self,
+        conv_proj: nn.Conv2d,
+        class_token: Tensor,
+        pos_embedding: Tensor,
+        dropout: float,
+        image_size: int,
+        patch_size: int,
+    ) -> None:
+        super().__init__()
+        self.conv_proj = conv_proj
+        self.class_token = nn.Parameter(class_token.detach().clone())
+        self.pos_embedding = nn.Parameter(pos_embedding.detach().clone())
+        self.dropout = nn.Dropout(dropout)
+        self.image_size = image_size
+        self.patch_size = patch_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            raise ValueError(
+                f"this ViT was built for {self.image_size}x{self.image_size} images, got "
+                f"{tuple(x.shape[-2:])}; resize the images or set [model] image_size"
+            )
+        tokens = self.conv_proj(x).flatten(2).transpose(1, 2)
+        class_tokens = self.class_token.expand(x.shape[0], -1, -1)
+        return self.dropout(torch.cat([class_tokens, tokens], dim=1) + self.pos_embedding)
+
+
+# ---------------------------------------------------------------------------------------------
+# Residual blocks with an out-of-place shortcut addition
+# ---------------------------------------------------------------------------------------------
+
+
+class OutOfPlaceBasicBlock(BasicBlock):
+    """ResNet ``BasicBlock`` whose shortcut is added out of place (Opacus hooks need the output intact)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + shortcut)
+
+
+class OutOfPlaceBottleneck(Bottleneck):
+    """ResNet ``Bottleneck`` with an out-of-place shortcut addition."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + shortcut)
+
+
+class OutOfPlaceMBConv(MBConv):
+    """EfficientNet ``MBConv`` with an out-of-place shortcut addition."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.block(x)
+        if self.use_res_connect:
+            out = self.stochastic_depth(out) + x
+        return out
+
+
+class OutOfPlaceFusedMBConv(FusedMBConv):
+    """EfficientNetV2 ``FusedMBConv`` with an out-of-place shortcut addition."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.block(x)
+        if self.use_res_connect:
+            out = self.stochastic_depth(out) + x
+        return out
+
+
+class OutOfPlaceInvertedResidual(InvertedResidual):
+    """MobileNetV3 ``InvertedResidual`` with an out-of-place shortcut addition."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.block(x)
+        return out + x if self.use_res_connect else out
+
+
+class OutOfPlaceCNBlock(CNBlock):
+    """ConvNeXt ``CNBlock`` made DP-friendly, same parameters and names.
+
+    ``layer_scale`` is a :class:`LayerScale` module, the shortcut is added out of place, and the
+    norm + MLP run on ``(N, H*W, C)`` tokens instead of ``(N, H, W, C)`` maps (same values):
+    Opacus' ghost-clipping norm sampler for ``nn.Linear`` handles 2-D and 3-D inputs only and
+    silently returns nothing for 4-D ones.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        depthwise, norm, expand, activation, project = (m for m in self.block if not isinstance(m, Permute))
+        y = depthwise(x)
+        batch, channels, height, width = y.shape
+        tokens = y.flatten(2).transpose(1, 2)
+        tokens = project(activation(expand(norm(tokens))))
+        y = tokens.transpose(1, 2).reshape(batch, channels, height, width)
+        return self.stochastic_depth(self.layer_scale(y)) + x
+
+
+_OUT_OF_PLACE: dict[type[nn.Module], type[nn.Module]] = {
+    BasicBlock: OutOfPlaceBasicBlock,
+    Bottleneck: OutOfPlaceBottleneck,
+    MBConv: OutOfPlaceMBConv,
+    FusedMBConv: OutOfPlaceFusedMBConv,
+    InvertedResidual: OutOfPlaceInvertedResidual,
+    CNBlock: OutOfPlaceCNBlock,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewrites
+# ---------------------------------------------------------------------------------------------
+
+
+def _replace_children(root: nn.Module, replace: Callable[[nn.Module], nn.Module | None]) -> int:
+    """Replace every descendant ``m`` for which ``replace(m)`` returns a module; return the count."""
+    count = 0
+    for parent in list(root.modules()):
+        for child_name, child in list(parent.named_children()):
+            new_child = replace(child)
+            if new_child is not None:
+                setattr(parent, child_name, new_child)
+                count += 1
+    return count
+
+
+def frozen_batch_norm(module: nn.Module) -> FrozenBatchNorm2d | None:
+    """A ``FrozenBatchNorm2d`` with ``module``'s statistics and affine values, or None if not a BatchNorm2d."""
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return None
+    if not isinstance(module, nn.BatchNorm2d):
+        raise TypeError(f"cannot freeze {type(module).__name__}: only BatchNorm2d is supported")
+    if module.running_mean is None or module.running_var is None:
+        raise TypeError("cannot freeze a BatchNorm2d without running statistics (track_running_stats=False)")
+    frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
+    with torch.no_grad():
+        if module.weight is not None:
+            frozen.weight.copy_(module.weight)
+        if module.bias is not None:
+            frozen.bias.copy_(module.bias)
+        frozen.running_mean.copy_(module.running_mean)
+        frozen.running_var.copy_(module.running_var)
+    return frozen
+
+
+def dp_multihead_attention(module: nn.Module) -> DPMultiheadAttention | None:
+    """An Opacus-compatible copy of ``nn.MultiheadAttention`` ``module`` (None for any other module)."""
+    if not isinstance(module, nn.MultiheadAttention):
+        return None
+    has_bias = module.in_proj_bias is not None
+    if module.batch_first:
+        plain = module.bias_k is None and not module.add_zero_attn and module._qkv_same_embed_dim
+        if not plain:
+            raise TypeError("batch-first attention with bias_kv, zero_attn or distinct k/v sizes is not supported")
+        replacement: DPMultiheadAttention = BatchFirstDPMultiheadAttention(
+            module.embed_dim, module.num_heads, dropout=module.dropout, bias=has_bias
+        )
+    else:
+        replacement = DPMultiheadAttention(
+            embed_dim=module.embed_dim,
+            num_heads=module.num_heads,
+            dropout=module.dropout,
+            bias=has_bias,
+            add_bias_kv=module.bias_k is not None,
+            add_zero_attn=module.add_zero_attn,
+            kdim=module.kdim,
+            vdim=module.vdim,
+        )
+    replacement.load_state_dict(dict(module.state_dict()))
+    return replacement
+
+
+def make_opacus_safe(model: nn.Module) -> nn.Module:
+    """Rewrite ``model`` in place so that DP-SGD with Opacus is sound and does not crash (see module doc)."""
+    frozen = _replace_children(model, frozen_batch_norm)
+    attention = _replace_children(model, dp_multihead_attention)
+    swapped = 0
+    for module in model.modules():
+        replacement = _OUT_OF_PLACE.get(type(module))
+        if replacement is not None:
+            if isinstance(module, CNBlock):
+                layout = [type(m) for m in module.block]
+                if layout != [nn.Conv2d, Permute, nn.LayerNorm, nn.Linear, nn.GELU, nn.Linear, Permute]:
+                    raise TypeError(f"unexpected ConvNeXt block layout {[t.__name__ for t in layout]}")
+                scale = module.layer_scale.detach()
+                del module.layer_scale
+                module.layer_scale = LayerScale(scale)
+            module.__class__ = replacement
+            swapped += 1
+    inplace = 0
+    for module in model.modules():
+        if getattr(module, "inplace", None) is True:
+            module.inplace = False
+            inplace += 1
+    logger.debug(
+        "opacus-safe rewrite: %d BatchNorm frozen, %d attention replaced, %d residual blocks, %d in-place ops",
+        frozen, attention, swapped, inplace,
+    )
+    return model
+
+
+def fold_first_conv_to_gray(conv: nn.Conv2d) -> nn.Conv2d:
+    """A 1-input-channel copy of ``conv`` whose filters are the sum of the RGB filters.
+
+    A gray image ``g`` through the folded conv equals ``[g, g, g]`` through the original.
+    """
+    if conv.in_channels != 3 or conv.groups != 1:
+        raise ValueError(f"can only fold a 3-channel, ungrouped first convolution, got {conv}")
+    folded = nn.Conv2d(
+        1,
+        conv.out_channels,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+    )
+    with torch.no_grad():
+        folded.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
+        if conv.bias is not None:
+            folded.bias.copy_(conv.bias)
+    return folded
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, module)
+
+
+# ---------------------------------------------------------------------------------------------
+# Family recipes
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrunkParts:
+    """What a family recipe extracts from a torchvision model.
+
+    Attributes:
+        stages: ordered (name, module) stages of the image trunk.
+        pool: maps the last stage's output to ``(N, feature_dim)``.
+        norm: optional final norm applied to the pooled features (part of the local head).
+        feature_dim: pooled image feature size.
+        dropout: dropout probability before the classifier (0 = none).
+    """
+
+    stages: list[tuple[str, nn.Module]]
+    pool: nn.Module
+    norm: nn.Module | None
+    feature_dim: int
+    dropout: float = 0.0
+
+
+def _resnet_parts(model: nn.Module) -> TrunkParts:
+    stem = nn.Sequential(
+        OrderedDict(conv1=model.conv1, bn1=model.bn1, relu=model.relu, maxpool=model.maxpool)
+    )
+    stages = [("stem", stem)] + [(f"layer{i}", getattr(model, f"layer{i}")) for i in range(1, 5)]
+    return TrunkParts(stages, GlobalAveragePool(), None, model.fc.in_features)
+
+
+def _densenet_parts(model: nn.Module) -> TrunkParts:
+    f = model.features
+    stem = nn.Sequential(OrderedDict(conv0=f.conv0, norm0=f.norm0, relu0=f.relu0, pool0=f.pool0))
+    stages: list[tuple[str, nn.Module]] = [("stem", stem)]
+    for name, child in f.named_children():
+        if name.startswith(("denseblock", "transition")):
+            stages.append((name, child))
+    stages.append(("norm5", nn.Sequential(OrderedDict(norm=f.norm5, relu=nn.ReLU()))))
+    return TrunkParts(stages, GlobalAveragePool(), None, model.classifier.in_features)
+
+
+def _efficientnet_parts(model: nn.Module) -> TrunkParts:
+    f = list(model.features)
+    stages = [("stem", f[0])] + [(f"stage{i}", f[i]) for i in range(1, len(f) - 1)] + [("top", f[-1])]
+    dropout, linear = model.classifier[0], model.classifier[1]
+    return TrunkParts(stages, GlobalAveragePool(), None, linear.in_features, dropout.p)
+
+
+def _mobilenet_v3_parts(model: nn.Module) -> TrunkParts:
+    f = list(model.features)
+    stages = [("stem", f[0])] + [(f"block{i}", f[i]) for i in range(1, len(f) - 1)] + [("top", f[-1])]
+    hidden, activation, dropout = model.classifier[0], model.classifier[1], model.classifier[2]
+    proj = nn.Conv2d(hidden.in_features, hidden.out_features, kernel_size=1, bias=hidden.bias is not None)
+    with torch.no_grad():
+        proj.weight.copy_(hidden.weight.reshape(proj.weight.shape))
+        if hidden.bias is not None:
+            proj.bias.copy_(hidden.bias)
+    pre_logits = nn.Sequential(
+        OrderedDict(pool=nn.AdaptiveAvgPool2d(1), proj=proj, act=type(activation)())
+    )
+    stages.append(("pre_logits", pre_logits))
+    return TrunkParts(stages, GlobalAveragePool(), None, hidden.out_features, dropout.p)
+
+
+def _convnext_parts(model: nn.Module) -> TrunkParts:
+    f = list(model.features)
+    names = ["stem", "stage1", "down2", "stage2", "down3", "stage3", "down4", "stage4"]
+    if len(f) != len(names):
+        raise ValueError(f"unexpected ConvNeXt layout: {len(f)} feature blocks")
+    norm2d, linear = model.classifier[0], model.classifier[2]
+    norm = nn.LayerNorm(norm2d.normalized_shape, eps=norm2d.eps)
+    norm.load_state_dict(norm2d.state_dict())
+    return TrunkParts(list(zip(names, f)), GlobalAveragePool(), norm, linear.in_features)
+
+
+def _vit_parts(model: nn.Module) -> TrunkParts:
+    embed = PatchEmbedding(
+        conv_proj=model.conv_proj,
+        class_token=model.class_token,
+        pos_embedding=model.encoder.pos_embedding,
+        dropout=model.encoder.dropout.p,
+        image_size=model.image_size,
+        patch_size=model.patch_size,
+    )
+    stages: list[tuple[str, nn.Module]] = [("embed", embed)]
+    stages += [(name, block) for name, block in model.encoder.layers.named_children()]
+    if not all(isinstance(block, EncoderBlock) for _, block in stages[1:]):
+        raise ValueError("unexpected ViT layout: encoder.layers holds something other than EncoderBlocks")
+    return TrunkParts(stages, ClassTokenPool(), model.encoder.ln, model.hidden_dim)
+
+
+@dataclass(frozen=True)
+class Family:
+    """How to convert one torchvision architecture.
+
+    Attributes:
+        first_conv: dotted path of the input convolution in the torchvision model.
+        is_classifier_key: true for torchvision state-dict keys of the ImageNet classifier,
+            which fedtl replaces with its own local head (never loaded).
+        parts: recipe that splits the (rewritten) torchvision model into :class:`TrunkParts`.
+    """
+
+    first_conv: str
+    is_classifier_key: Callable[[str], bool]
+    parts: Callable[[nn.Module], TrunkParts]
+
+
+FAMILIES: dict[str, Family] = {
+    "resnet18": Family("conv1", lambda k: k.startswith("fc."), _resnet_parts),
+    "resnet50": Family("conv1", lambda k: k.startswith("fc."), _resnet_parts),
+    "densenet121": Family("features.conv0", lambda k: k.startswith("classifier."), _densenet_parts),
+    "efficientnet_b0": Family("features.0.0", lambda k: k.startswith("classifier."), _efficientnet_parts),
+    "mobilenet_v3_large": Family("features.0.0", lambda k: k.startswith("classifier.3."), _mobilenet_v3_parts),
+    "convnext_tiny": Family("features.0.0", lambda k: k.startswith("classifier.2."), _convnext_parts),
+    "vit_b_16": Family("conv_proj", lambda k: k.startswith("heads."), _vit_parts),
+}
+
+_OLD_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
+
+
+def family(architecture: str) -> Family:
+    """The conversion recipe for ``architecture`` (a ``common.config.Architecture`` value)."""
+    try:
+        return FAMILIES[architecture]
+    except KeyError:
+        raise ValueError(
+            f"unknown architecture {architecture!r}; use one of: {', '.join(sorted(FAMILIES))}"
+        ) from None
+
+
+def modernise_torchvision_keys(architecture: str, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename legacy keys (DenseNet's ``norm.1`` -> ``norm1``) the way torchvision's own loader does."""
+    if not architecture.startswith("densenet"):
+        return dict(state)
+    renamed: dict[str, Tensor] = {}
+    for key, tensor in state.items():
+        match = _OLD_DENSENET_KEY.match(key)
+        renamed[match.group(1) + match.group(2) if match else key] = tensor
+    return renamed
+
+
+def fold_input_channels(model: nn.Module, architecture: str, in_channels: int) -> None:
+    """Fold the first convolution of torchvision ``model`` to ``in_channels`` (1) by summing RGB filters."""
+    if in_channels == 3:
+        return
+    if in_channels != 1:
+        raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+    path = family(architecture).first_conv
+    _set_submodule(model, path, fold_first_conv_to_gray(model.get_submodule(path)))
