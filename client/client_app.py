@@ -11,9 +11,11 @@ head never enter a reply.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections import OrderedDict
+from typing import Callable
 
 import torch
 
@@ -34,11 +36,49 @@ _SESSIONS: OrderedDict[tuple[str, str, str], SiteSession] = OrderedDict()
 _MAX_SESSIONS = 4  # a simulation worker serves many sites; keep only the most recent in memory
 
 
+Handler = Callable[[Message, Context], Message]
+
+
+def _contained(handler: Handler, directory: SiteDirectory | None) -> Handler:
+    """Answer ``failed`` instead of raising: the exception's text stays in the site's own log.
+
+    Flower turns an exception raised in a ClientApp into ``Error(reason=str(exception))`` and sends it
+    to the SuperLink; a manifest error's text names files, paths and rows. So every handler catches
+    everything, logs the details here, and replies with the contract's ``failed`` status only.
+    """
+
+    @functools.wraps(handler)
+    def contained(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception:  # noqa: BLE001 - nothing of an exception may leave the site
+            name = _plain_site_name(context, directory)
+            logger.exception("[%s] the %s message failed at this site; the coordinator is told only %r",
+                             name or "site", msg.metadata.message_type, wc.STATUS_FAILED)
+            record = ConfigRecord({wc.STATUS_KEY: wc.STATUS_FAILED})
+            if name:
+                record[wc.STATUS_SITE_NAME] = name
+            return Message(content=RecordDict({wc.STATUS: record}), reply_to=msg)
+
+    return contained
+
+
+def _plain_site_name(context: Context, directory: SiteDirectory | None) -> str | None:
+    """The admin-given site name when it can be read and is plain; else ``None`` (the coordinator
+    then names the site by its node id)."""
+    try:
+        name = settings_from_node_config(context.node_config, directory).site_name
+    except Exception:  # noqa: BLE001 - the settings themselves may be what failed
+        return None
+    return name if name and len(name) <= 64 and all(ch.isalnum() or ch in "-_." for ch in name) else None
+
+
 def make_client_app(directory: SiteDirectory | None = None) -> ClientApp:
     """A ClientApp; in simulation ``directory`` maps each partition id to a synthetic hospital."""
     app = ClientApp()
 
     @app.query()
+    @functools.partial(_contained, directory=directory)
     def install_backbone(msg: Message, context: Context) -> Message:
         settings = settings_from_node_config(context.node_config, directory)
         config = msg.content[wc.CONFIG]
@@ -51,6 +91,7 @@ def make_client_app(directory: SiteDirectory | None = None) -> ClientApp:
         return _reply(msg, settings, wc.STATUS_OK, fingerprint=fingerprint)
 
     @app.train()
+    @functools.partial(_contained, directory=directory)
     def train(msg: Message, context: Context) -> Message:
         settings = settings_from_node_config(context.node_config, directory)
         config_record = msg.content[wc.CONFIG]
@@ -73,6 +114,7 @@ def make_client_app(directory: SiteDirectory | None = None) -> ClientApp:
         return _reply(msg, settings, outcome.status, arrays=records, global_id=version_id, metrics=metrics)
 
     @app.evaluate()
+    @functools.partial(_contained, directory=directory)
     def evaluate(msg: Message, context: Context) -> Message:
         settings = settings_from_node_config(context.node_config, directory)
         ready = _ready_session(msg, settings)

@@ -19,8 +19,8 @@ Site -> coordinator
   every reply's STATUS may carry STATUS_GLOBAL_ID: the id of the coordinator's global layers the
   site holds (a SHA-256 of tensors the coordinator itself sent; nothing about the site's data)
 
-Never: local-head tensors, images or anything computed per image, DICOM header values,
-patient ids, file names.
+Never: local-head or personal-head tensors, images or anything computed per image, DICOM header
+values, patient ids, file names, an exception's text (a failing handler answers STATUS_FAILED only).
 """
 
 from __future__ import annotations

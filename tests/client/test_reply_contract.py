@@ -189,3 +189,26 @@ def test_a_delta_from_a_version_the_site_does_not_hold_gets_need_global_and_noth
     assert set(reply.content.keys()) == {wc.STATUS}
     assert reply.content[wc.STATUS][wc.STATUS_KEY] == wc.STATUS_NEED_GLOBAL
     assert reply.content[wc.STATUS][wc.STATUS_GLOBAL_ID] == site_replies["held_id"], "the copy it holds is kept"
+
+
+def test_a_failure_at_the_site_is_answered_with_the_failed_status_and_no_exception_text(
+    tmp_path: Path, site_replies, caplog: pytest.LogCaptureFixture  # noqa: ANN001
+) -> None:
+    """A manifest that cannot be read (its path names a patient) must not reach the coordinator's logs."""
+    canary = "DOE_JANE_19580312"
+    backbone = site_replies["backbone"]
+    node_config = {"manifest": str(tmp_path / canary / "labels.csv"), "state-dir": str(tmp_path / "state"),
+                   "site-name": "east"}
+    context = Context(run_id=1, node_id=8, node_config=node_config, state=RecordDict(), run_config={})
+    app = make_client_app()
+    SiteState(tmp_path / "state").store_backbone(
+        backbone.fingerprint, backbone.tensors,
+        {"mean": list(backbone.mean), "std": list(backbone.std), "source": backbone.source})
+    with caplog.at_level("ERROR", logger="client.client_app"):
+        for kind in (wc.TRAIN, wc.EVALUATE):
+            reply = app(_message(_with_global(backbone.shared, _config(backbone.fingerprint)), kind), context)
+            assert not reply.has_error(), "an exception reached Flower, which would send its text"
+            assert set(reply.content.keys()) == {wc.STATUS}
+            assert dict(reply.content[wc.STATUS]) == {wc.STATUS_KEY: wc.STATUS_FAILED, wc.STATUS_SITE_NAME: "east"}
+            assert not any(canary in text for text in _strings_in(reply.content))
+    assert canary in caplog.text, "the details belong in the site's own log"
