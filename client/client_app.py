@@ -84,8 +84,8 @@ def make_client_app(directory: SiteDirectory | None = None) -> ClientApp:
         config = msg.content[wc.CONFIG]
         fingerprint = str(config[wc.CONFIG_FINGERPRINT])
         tensors = msg.content[wc.BACKBONE].to_torch_state_dict()
-        meta = {"mean": list(config["normalization-mean"]), "std": list(config["normalization-std"]),
-                "source": str(config.get("backbone-source", "unknown"))}
+        meta = {"mean": list(config[wc.CONFIG_NORMALIZATION_MEAN]), "std": list(config[wc.CONFIG_NORMALIZATION_STD]),
+                "source": str(config.get(wc.CONFIG_BACKBONE_SOURCE, "unknown"))}
         SiteState(settings.state_dir).store_backbone(fingerprint, tensors, meta)
         logger.info("[%s] installed backbone %s", settings.site_name, fingerprint[:12])
         return _reply(msg, settings, wc.STATUS_OK, fingerprint=fingerprint)

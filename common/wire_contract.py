@@ -10,6 +10,7 @@ Coordinator -> site
                for int8, ArrayRecord SHARED_SCALE (see ``common.wire.global_sync``)
   evaluate   : the same as train
   query      : (backbone install) ArrayRecord BACKBONE (frozen + initial shared tensors), ConfigRecord CONFIG
+               (CONFIG_FINGERPRINT, CONFIG_NORMALIZATION_MEAN, CONFIG_NORMALIZATION_STD, CONFIG_BACKBONE_SOURCE)
 
 Site -> coordinator
   train      : ArrayRecord SHARED (trained shared layers, maybe encoded), optional ArrayRecord SHARED_SCALE
@@ -48,6 +49,11 @@ CONFIG_ENCODING: Final = "update-encoding"
 CONFIG_PROXIMAL_MU: Final = "proximal-mu"
 CONFIG_GLOBAL_ID: Final = "global-id"  # id of the global shared layers the site must train/evaluate
 CONFIG_GLOBAL_BASE: Final = "global-base-id"  # id the SHARED delta applies to; "" = full weights
+# ConfigRecord keys of the backbone install (query) message: the image normalisation the backbone was
+# trained with and a description of where it came from (no site data in either)
+CONFIG_NORMALIZATION_MEAN: Final = "normalization-mean"
+CONFIG_NORMALIZATION_STD: Final = "normalization-std"
+CONFIG_BACKBONE_SOURCE: Final = "backbone-source"
 
 # STATUS record
 STATUS_KEY: Final = "status"

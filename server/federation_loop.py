@@ -245,9 +245,9 @@ def _train(grid: Grid, config: FederationConfig, backbone: PreparedBackbone, bro
             wc.BACKBONE: ArrayRecord(torch_state_dict=backbone.tensors),
             wc.CONFIG: ConfigRecord({
                 wc.CONFIG_FINGERPRINT: backbone.fingerprint,
-                "normalization-mean": list(backbone.mean),
-                "normalization-std": list(backbone.std),
-                "backbone-source": backbone.source,
+                wc.CONFIG_NORMALIZATION_MEAN: list(backbone.mean),
+                wc.CONFIG_NORMALIZATION_STD: list(backbone.std),
+                wc.CONFIG_BACKBONE_SOURCE: backbone.source,
             }),
         }) for n in missing}
         installed = _exchange(grid, install, wc.INSTALL_BACKBONE, server_round, timeout, traffic)

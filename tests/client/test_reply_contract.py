@@ -80,8 +80,8 @@ def site_replies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     install = RecordDict({
         wc.BACKBONE: ArrayRecord(torch_state_dict=backbone.tensors),
         wc.CONFIG: ConfigRecord({wc.CONFIG_FINGERPRINT: backbone.fingerprint,
-                                 "normalization-mean": list(backbone.mean), "normalization-std": list(backbone.std),
-                                 "backbone-source": backbone.source}),
+                                 wc.CONFIG_NORMALIZATION_MEAN: list(backbone.mean), wc.CONFIG_NORMALIZATION_STD: list(backbone.std),
+                                 wc.CONFIG_BACKBONE_SOURCE: backbone.source}),
     })
     shared = lambda: _with_global(backbone.shared, _config(backbone.fingerprint))  # noqa: E731
     before_install = app(_message(shared(), wc.TRAIN), context)
