@@ -26,7 +26,7 @@ from flwr.serverapp import Grid
 from common import wire_contract as wc
 from common.config import FederationConfig
 from common.wire.update_encoding import EncodedUpdate, UpdateEncodingError, decode_update
-from server.aggregation import Update, make_aggregator
+from server.strategies import Update, make_aggregator
 from server.backbone_source import PreparedBackbone
 from server.checkpoints import latest_checkpoint, save_checkpoint
 from server.global_broadcast import GlobalBroadcast, downlink_records
@@ -189,7 +189,7 @@ def _config_record(config: FederationConfig, backbone: PreparedBackbone, server_
         wc.CONFIG_ROUND: server_round,
         wc.CONFIG_FINGERPRINT: backbone.fingerprint,
         wc.CONFIG_ENCODING: config.training.update_encoding,
-        wc.CONFIG_PROXIMAL_MU: config.strategy.proximal_mu if config.strategy.name == "fedprox" else 0.0,
+        **make_aggregator(config.strategy).client_config(),  # the strategy's own client-side keys
     })
 
 

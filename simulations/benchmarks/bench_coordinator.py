@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from common import wire_contract as wc
 from common.config import StrategyConfig
 from common.wire.update_encoding import EncodedUpdate, encode_update, decode_update
-from server.aggregation import make_aggregator
+from server.strategies import make_aggregator
 from server.reply_validation import ValidReply, drop_norm_outliers, validate_train_reply
 from simulations.benchmarks.bench_traffic import simulated_update
 

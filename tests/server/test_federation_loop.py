@@ -6,7 +6,7 @@ import torch
 from flwr.app import ConfigRecord, Message, Metadata, RecordDict
 
 from common import wire_contract as wc
-from server.aggregation import weighted_average
+from server.strategies import weighted_average
 from server.federation_loop import SiteNames, in_site_order
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common.config import StrategyConfig
-from server.aggregation import (
+from server.strategies import (
     AggregationError,
     FedAdam,
     TrimmedMean,
