@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 import torchvision
 
+from common.models.backbone_families import family
 from common.models.backbones import build_backbone, from_torchvision_state
 from common.config import FederationConfig, ModelConfig
 from common.data.image_preprocessing import Preprocessing
@@ -124,9 +125,9 @@ def pretrained_public_source_checkpoint(model_config: ModelConfig, cache_dir: Pa
         show_progress=False,
     )
     torch.manual_seed(seed)
-    builder_kwargs = {"image_size": model_config.image_size} if model_config.architecture.startswith("vit") else {}
     network = torchvision.models.get_model(model_config.architecture, weights=None,
-                                           num_classes=len(PUBLIC_CLASS_NAMES), **builder_kwargs)
+                                           num_classes=len(PUBLIC_CLASS_NAMES),
+                                           **family(model_config.architecture).builder_kwargs(model_config.image_size))
     _train_plainly(network, data.images.expand(-1, 3, -1, -1), data.labels, epochs=PRETRAIN_EPOCHS, seed=seed)
     state = {k: v for k, v in network.state_dict().items()}
     model = from_torchvision_state(model_config, state)

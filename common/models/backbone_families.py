@@ -401,29 +401,52 @@ def _vit_parts(model: nn.Module) -> TrunkParts:
 
 @dataclass(frozen=True)
 class Family:
-    """How to convert one torchvision architecture.
+    """Everything fedtl needs to know about one torchvision architecture (one registration each).
 
     Attributes:
         first_conv: dotted path of the input convolution in the torchvision model.
         is_classifier_key: true for torchvision state-dict keys of the ImageNet classifier,
             which fedtl replaces with its own local head (never loaded).
         parts: recipe that splits the (rewritten) torchvision model into :class:`TrunkParts`.
+        default_shared: the module prefixes the federation shares by default (the last block or
+            blocks: small enough for DP noise and bandwidth, deep enough to adapt).
+        sized_by_image: the torchvision builder takes ``image_size`` (ViT: position embeddings).
     """
 
     first_conv: str
     is_classifier_key: Callable[[str], bool]
     parts: Callable[[nn.Module], TrunkParts]
+    default_shared: tuple[str, ...]
+    sized_by_image: bool = False
+
+    def builder_kwargs(self, image_size: int) -> dict[str, int]:
+        """Extra keyword arguments for ``torchvision.models.get_model``."""
+        return {"image_size": image_size} if self.sized_by_image else {}
 
 
-FAMILIES: dict[str, Family] = {
-    "resnet18": Family("conv1", lambda k: k.startswith("fc."), _resnet_parts),
-    "resnet50": Family("conv1", lambda k: k.startswith("fc."), _resnet_parts),
-    "densenet121": Family("features.conv0", lambda k: k.startswith("classifier."), _densenet_parts),
-    "efficientnet_b0": Family("features.0.0", lambda k: k.startswith("classifier."), _efficientnet_parts),
-    "mobilenet_v3_large": Family("features.0.0", lambda k: k.startswith("classifier.3."), _mobilenet_v3_parts),
-    "convnext_tiny": Family("features.0.0", lambda k: k.startswith("classifier.2."), _convnext_parts),
-    "vit_b_16": Family("conv_proj", lambda k: k.startswith("heads."), _vit_parts),
-}
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(architecture: str, recipe: Family) -> Family:
+    """Register ``architecture`` (a ``common.config.Architecture`` value); each name once."""
+    if architecture in FAMILIES:
+        raise ValueError(f"architecture {architecture!r} is registered twice")
+    FAMILIES[architecture] = recipe
+    return recipe
+
+
+register_family("resnet18", Family("conv1", lambda k: k.startswith("fc."), _resnet_parts, ("stages.layer4.1",)))
+register_family("resnet50", Family("conv1", lambda k: k.startswith("fc."), _resnet_parts, ("stages.layer4.2",)))
+register_family("densenet121", Family("features.conv0", lambda k: k.startswith("classifier."), _densenet_parts,
+                                      ("stages.denseblock4",)))
+register_family("efficientnet_b0", Family("features.0.0", lambda k: k.startswith("classifier."), _efficientnet_parts,
+                                          ("stages.stage7", "stages.top")))
+register_family("mobilenet_v3_large", Family("features.0.0", lambda k: k.startswith("classifier.3."),
+                                             _mobilenet_v3_parts, ("stages.block15", "stages.top", "stages.pre_logits")))
+register_family("convnext_tiny", Family("features.0.0", lambda k: k.startswith("classifier.2."), _convnext_parts,
+                                        ("stages.stage4.2",)))
+register_family("vit_b_16", Family("conv_proj", lambda k: k.startswith("heads."), _vit_parts,
+                                   ("stages.encoder_layer_11",), sized_by_image=True))
 
 _OLD_DENSENET_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"

@@ -48,7 +48,7 @@ def _load_into_torchvision(
     """Load a torchvision-format ``state`` into torchvision ``model``, skipping the ImageNet classifier."""
     recipe = family(architecture)
     state = modernise_torchvision_keys(architecture, state)
-    if architecture.startswith("vit") and "encoder.pos_embedding" in state:
+    if recipe.sized_by_image and "encoder.pos_embedding" in state:
         tokens = state["encoder.pos_embedding"].shape[1]
         if tokens != model.encoder.pos_embedding.shape[1]:
             logger.info("interpolating ViT position embeddings from %d tokens to %dx%d images",
@@ -82,8 +82,7 @@ def from_torchvision_state(config: ModelConfig, state: Mapping[str, Tensor] | No
     """
     architecture = config.architecture
     recipe = family(architecture)
-    builder_kwargs = {"image_size": config.image_size} if architecture.startswith("vit") else {}
-    tv_model = torchvision.models.get_model(architecture, weights=None, **builder_kwargs)
+    tv_model = torchvision.models.get_model(architecture, weights=None, **recipe.builder_kwargs(config.image_size))
     if state is not None:
         _load_into_torchvision(tv_model, architecture, state, config.image_size)
     fold_input_channels(tv_model, architecture, config.in_channels)

@@ -24,6 +24,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from common.models.backbone_families import FAMILIES
 from common.models.fed_model import FedModel
 from common.config import LayerPolicyConfig
 from common.models.state_groups import ParameterGroups
@@ -32,15 +33,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_LOCAL: tuple[str, ...] = ("head",)
 
-DEFAULT_SHARED: dict[str, tuple[str, ...]] = {
-    "resnet18": ("stages.layer4.1",),
-    "resnet50": ("stages.layer4.2",),
-    "densenet121": ("stages.denseblock4",),
-    "efficientnet_b0": ("stages.stage7", "stages.top"),
-    "mobilenet_v3_large": ("stages.block15", "stages.top", "stages.pre_logits"),
-    "convnext_tiny": ("stages.stage4.2",),
-    "vit_b_16": ("stages.encoder_layer_11",),
-}
+DEFAULT_SHARED: dict[str, tuple[str, ...]] = {name: recipe.default_shared for name, recipe in FAMILIES.items()}
 """The last block(s) of each trunk: small enough for DP noise and bandwidth, deep enough to adapt."""
 
 

@@ -231,3 +231,13 @@ def test_weights_of_another_architecture_are_rejected() -> None:
     state = torchvision.models.resnet18(weights=None).state_dict()
     with pytest.raises(WeightsError, match="resnet50"):
         from_torchvision_state(config("resnet50"), state)
+
+
+def test_every_configurable_architecture_is_registered_once_with_its_default_shared_layers() -> None:
+    from common.config import Architecture
+    from common.models.backbone_families import FAMILIES, Family, register_family
+
+    assert set(Architecture.__args__) == set(FAMILIES)
+    assert all(recipe.default_shared for recipe in FAMILIES.values())
+    with pytest.raises(ValueError, match="twice"):
+        register_family("resnet18", Family("conv1", lambda k: False, lambda m: None, ("stages.layer4",)))  # type: ignore[arg-type, return-value]
