@@ -54,7 +54,7 @@ def write_plots(
     for (label, value), style in zip((references or {}).items(), ("--", ":", "-.")):
         axes.axhline(value, color="grey", linestyle=style, linewidth=1.5, label=f"{label} ({value:.3f})")
     if references:
-        axes.legend(fontsize="small")
+        _legend_outside(axes)
     written = [
         _save(accuracy, out_dir / PLOT_FILES["balanced_accuracy"]),
         _save(
@@ -86,8 +86,13 @@ def _series(rounds: list[Mapping[str, Any]], key: str) -> dict[str, tuple[list[i
     return dict(sorted(series.items()))
 
 
+def _legend_outside(axes: Any) -> None:
+    """Legend to the right of the plot, where it hides no line."""
+    axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
+
+
 def _per_site_figure(rounds: list[Mapping[str, Any]], key: str, title: str, ylabel: str) -> Figure:
-    figure = Figure(figsize=(6.4, 4.0), dpi=100)
+    figure = Figure(figsize=(8.0, 4.0), dpi=100)
     axes = figure.add_subplot()
     series = _series(rounds, key)
     for site, (xs, ys) in series.items():
@@ -103,7 +108,7 @@ def _per_site_figure(rounds: list[Mapping[str, Any]], key: str, title: str, ylab
     if not axes.lines:
         axes.text(0.5, 0.5, "no data recorded", ha="center", va="center", transform=axes.transAxes)
     else:
-        axes.legend(fontsize="small")
+        _legend_outside(axes)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_title(title)
     axes.set_xlabel("round")
@@ -143,6 +148,6 @@ def _privacy_utility_figure(sweep: list[Mapping[str, Any]], references: Mapping[
 def _save(figure: Figure, path: Path) -> Path:
     buffer = io.BytesIO()
     FigureCanvasAgg(figure)
-    figure.savefig(buffer, format="png")
+    figure.savefig(buffer, format="png", bbox_inches="tight")
     atomic_write_bytes(path, buffer.getvalue())
     return path
