@@ -27,8 +27,8 @@ from client.site_settings import SiteDirectory, SiteSettings, settings_from_node
 from client.site_state import SiteState
 from common import wire_contract as wc
 from common.config import FederationConfig
-from common.wire.global_sync import Downlink, GlobalOutOfSync, apply_downlink
-from common.wire.update_encoding import EncodedUpdate, encode_update
+from common.wire.global_sync import GlobalOutOfSync, apply_downlink, read_downlink
+from common.wire.update_encoding import encode_update
 
 logger = logging.getLogger(__name__)
 
@@ -151,18 +151,7 @@ def _ready_session(
 
 def _receive_global(msg: Message, settings: SiteSettings) -> tuple[str, dict[str, torch.Tensor]] | Message:
     """Rebuild the global shared layers the message announces; a ``need-global`` reply if the site cannot."""
-    config_record = msg.content[wc.CONFIG]
-    if wc.CONFIG_GLOBAL_ID not in config_record:
-        raise ValueError(
-            f"the coordinator's message has no '{wc.CONFIG_GLOBAL_ID}' in its config record; the coordinator "
-            "runs an older fedtl than this site: upgrade the coordinator"
-        )
-    update = None
-    if wc.SHARED in msg.content:
-        scales = msg.content[wc.SHARED_SCALE].to_torch_state_dict() if wc.SHARED_SCALE in msg.content else {}
-        update = EncodedUpdate(tensors=msg.content[wc.SHARED].to_torch_state_dict(), scales=scales)
-    downlink = Downlink(target_id=str(config_record[wc.CONFIG_GLOBAL_ID]),
-                        base_id=str(config_record.get(wc.CONFIG_GLOBAL_BASE, "")), update=update)
+    downlink = read_downlink(msg.content)
     state = SiteState(settings.state_dir)
     held = state.load_global_layers()
     try:

@@ -29,7 +29,8 @@ from common.wire.update_encoding import EncodedUpdate, UpdateEncodingError, deco
 from server.strategies import Update, make_aggregator
 from server.backbone_source import PreparedBackbone
 from server.checkpoints import latest_checkpoint, save_checkpoint
-from server.global_broadcast import GlobalBroadcast, downlink_records
+from common.wire.global_sync import downlink_records
+from server.global_broadcast import GlobalBroadcast
 from server.reply_validation import (
     Declined,
     ValidEvaluation,

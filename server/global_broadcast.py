@@ -13,7 +13,7 @@ import logging
 from typing import Mapping
 
 import torch
-from flwr.app import ArrayRecord, Message
+from flwr.app import Message
 
 from common import wire_contract as wc
 from common.wire.global_sync import Downlink, PublishedVersion, encode_downlink, global_id
@@ -86,15 +86,3 @@ class GlobalBroadcast:
             self._held.pop(node, None)
         else:
             self._held[node] = version_id
-
-
-def downlink_records(downlink: Downlink) -> tuple[dict[str, ArrayRecord], dict[str, str]]:
-    """The ArrayRecords and CONFIG entries that carry ``downlink`` (see ``common.wire_contract``)."""
-    config = {wc.CONFIG_GLOBAL_ID: downlink.target_id, wc.CONFIG_GLOBAL_BASE: downlink.base_id}
-    records: dict[str, ArrayRecord] = {}
-    if downlink.update is not None:
-        records[wc.SHARED] = ArrayRecord(torch_state_dict=downlink.update.tensors)
-        if downlink.update.scales:
-            records[wc.SHARED_SCALE] = ArrayRecord(torch_state_dict=downlink.update.scales)
-    return records, config
-

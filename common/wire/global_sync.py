@@ -26,7 +26,9 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import torch
+from flwr.app import ArrayRecord, RecordDict
 
+from common import wire_contract as wc
 from common.models.model_weights import fingerprint
 from common.wire.update_encoding import Encoding, EncodedUpdate, UpdateEncodingError, decode_update, encode_update
 
@@ -158,3 +160,35 @@ def apply_downlink(
 
 def _short(held: tuple[str, Mapping[str, torch.Tensor]] | None) -> str:
     return "none" if held is None else f"version {held[0][:12]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The downlink on the wire: both halves of the codec (coordinator writes, site reads)
+# ---------------------------------------------------------------------------------------------
+
+
+def downlink_records(downlink: Downlink) -> tuple[dict[str, ArrayRecord], dict[str, str]]:
+    """The ArrayRecords and CONFIG entries that carry ``downlink`` (see ``common.wire_contract``)."""
+    config = {wc.CONFIG_GLOBAL_ID: downlink.target_id, wc.CONFIG_GLOBAL_BASE: downlink.base_id}
+    records: dict[str, ArrayRecord] = {}
+    if downlink.update is not None:
+        records[wc.SHARED] = ArrayRecord(torch_state_dict=downlink.update.tensors)
+        if downlink.update.scales:
+            records[wc.SHARED_SCALE] = ArrayRecord(torch_state_dict=downlink.update.scales)
+    return records, config
+
+
+def read_downlink(content: RecordDict) -> Downlink:
+    """The :class:`Downlink` a train or evaluate message carries (the inverse of :func:`downlink_records`)."""
+    config_record = content[wc.CONFIG]
+    if wc.CONFIG_GLOBAL_ID not in config_record:
+        raise ValueError(
+            f"the coordinator's message has no '{wc.CONFIG_GLOBAL_ID}' in its config record; the coordinator "
+            "runs an older fedtl than this site: upgrade the coordinator"
+        )
+    update = None
+    if wc.SHARED in content:
+        scales = content[wc.SHARED_SCALE].to_torch_state_dict() if wc.SHARED_SCALE in content else {}
+        update = EncodedUpdate(tensors=content[wc.SHARED].to_torch_state_dict(), scales=scales)
+    return Downlink(target_id=str(config_record[wc.CONFIG_GLOBAL_ID]),
+                    base_id=str(config_record.get(wc.CONFIG_GLOBAL_BASE, "")), update=update)

@@ -61,7 +61,8 @@ def traffic_per_round(model: Any, groups: Any, seed: int = 0) -> dict[str, Any]:
         groups: ``ParameterGroups`` from ``common.models.layer_policy.apply_policy`` for the policy measured.
         seed: seed of the simulated local update and aggregate.
     """
-    from server.global_broadcast import GlobalBroadcast, downlink_records
+    from common.wire.global_sync import downlink_records
+    from server.global_broadcast import GlobalBroadcast
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     shared = {k: state[k].float() for k in groups.shared}

@@ -23,7 +23,7 @@ from common.data.site_manifest import load_manifest
 from common.data.synthetic_hospitals import generate_federation
 from common.wire.global_sync import Downlink, global_id
 from server.backbone_source import prepare_backbone
-from server.global_broadcast import downlink_records
+from common.wire.global_sync import downlink_records
 
 CONFIG = FederationConfig.from_dict({
     "model": {"architecture": "resnet18", "image_size": 32},

@@ -9,7 +9,8 @@ from flwr.app import ConfigRecord, Message, Metadata, RecordDict
 
 from common import wire_contract as wc
 from common.wire.global_sync import FULL_WEIGHTS_BASE, apply_downlink
-from server.global_broadcast import GlobalBroadcast, downlink_records
+from common.wire.global_sync import downlink_records
+from server.global_broadcast import GlobalBroadcast
 
 
 def layers(seed: int) -> dict[str, torch.Tensor]:
