@@ -4,7 +4,7 @@ Ray and the sites' training are left out on purpose: this times only what the co
 with the replies of one round, exactly as ``server.federation_loop`` does it: validate each
 train reply against the wire contract (``server.reply_validation.validate_train_reply``),
 decode it (``common.wire.update_encoding.decode_update``), drop norm outliers, and aggregate
-(``server.aggregation``, the strategy's rule). A least-squares line through the timings at
+(``server.strategies``, the strategy's rule). A least-squares line through the timings at
 several site counts, with its r^2, says whether that share grows linearly.
 
 Every site sends the same reply content (built once, untimed) so that the measurement does not
