@@ -15,23 +15,22 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from client.evaluation_metrics import bootstrap_balanced_accuracy, classification_metrics
 from client.dp.local_training import TrainingOutcome, random_flip_and_shift, train_tail
+from client.evaluation_metrics import bootstrap_balanced_accuracy, classification_metrics
 from client.personal_head import PersonalHead, fit_personal_head
 from client.privacy.privacy_budget import PrivacyLedger
 from client.privacy.privacy_plan import default_delta, sample_rate_for, steps_per_epoch
 from client.site_settings import SiteSettings
 from client.site_state import SiteState
 from client.trunk_feature_cache import split_trunk_features
-from common.models.backbones import build_backbone
-from common.models.fed_model import FedModel
-from common.models.layer_policy import first_trainable_stage
 from common.config import FederationConfig
-from common.wire_contract import STATUS_DECLINED_BUDGET, STATUS_OK
 from common.data.image_preprocessing import Preprocessing
-from common.models.layer_policy import ParameterGroups, apply_policy, resolve_policy
 from common.data.patient_split import class_weights, split_by_patient
 from common.data.site_dataset import SiteData, load_site_dataset
+from common.models.backbones import build_backbone
+from common.models.fed_model import FedModel
+from common.models.layer_policy import ParameterGroups, apply_policy, first_trainable_stage, resolve_policy
+from common.wire_contract import STATUS_DECLINED_BUDGET, STATUS_OK
 
 logger = logging.getLogger(__name__)
 
