@@ -312,8 +312,18 @@ class SiteSession:
         if len(self.test.labels) == 0:
             raise ValueError("this site has no test images; lower data.test_fraction or add patients")
         if self.config.training.personal_head == "linear_probe":
-            return self.fit_personal_head(global_id).logits(self.features(self.test).double())
+            return self._personal_head(global_id).logits(self.features(self.test).double())
         return self.trained_head_logits(self.test)
+
+    def _personal_head(self, global_id: str) -> PersonalHead:
+        """The head stored for these global layers (the site's own evaluation already fitted it), else a new fit.
+
+        Only a non-empty global-layers id identifies the features; without one (baselines) it is always fitted.
+        """
+        stored = self.state.load_personal_head() if global_id else None
+        if stored is not None and stored[1] == {"global_id": global_id, "backbone_fingerprint": self.fingerprint}:
+            return PersonalHead.from_state_dict(stored[0])
+        return self.fit_personal_head(global_id)
 
     @torch.no_grad()
     def trained_head_logits(self, split: Split) -> torch.Tensor:

@@ -22,11 +22,11 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.vision_transformer import interpolate_embeddings
 
+from common.models.dp_safe_rewrites import make_opacus_safe
 from common.models.backbone_families import (
     TrunkParts,
     family,
     fold_input_channels,
-    make_opacus_safe,
     modernise_torchvision_keys,
 )
 from common.config import ModelConfig

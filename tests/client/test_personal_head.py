@@ -191,3 +191,14 @@ def test_a_site_trained_by_two_workers_in_turn_matches_one_worker_training_it_th
     expected, actual = alone.model.state_dict(), worker_a.model.state_dict()
     for name in alone.groups.shared + alone.groups.local:
         assert torch.equal(expected[name], actual[name]), name
+
+
+def test_an_evaluation_of_the_same_global_layers_reuses_the_stored_personal_head(hospital, tmp_path: Path) -> None:  # noqa: ANN001
+    session = open_site(hospital, tmp_path / "reuse")
+    first = session.evaluate("global-1")
+    stored = session.state.load_personal_head()
+    assert stored is not None
+    shifted = {**stored[0], "bias": stored[0]["bias"] + torch.tensor([50.0, -50.0], dtype=torch.float64)}
+    session.state.save_personal_head(shifted, global_id="global-1", backbone_fingerprint=session.fingerprint)
+    assert session.evaluate("global-1")["balanced-accuracy"] == pytest.approx(0.5), "the stored head is used"
+    assert session.evaluate("global-2") == first, "other global layers mean a new fit"
