@@ -13,27 +13,52 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.toml"
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from common.data.partitioning import PartitionError
+    from common.data.site_manifest import ManifestError
     from simulations.experiment import format_table, run_experiment
+    from simulations.preflight import PreflightRefused, check_sites, format_checks, refuse_unless_ready
     from simulations.simulate import RunFolderInUse, SimulationPlan, prepare_run_folder
+    from simulations.site_sources import resolve_sites
 
     config = FederationConfig.from_toml(args.config)
     if args.rounds:
         config = config.model_copy(update={"training": config.training.model_copy(update={"rounds": args.rounds})})
+    own_data = args.sites_from is not None or bool(config.sites) or (
+        config.partition is not None and config.partition.manifest is not None)
+    if own_data and args.sites is not None:
+        print("error: --sites sets the number of synthetic hospitals; the sites here are your own "
+              "(--sites-from, [[sites]] or [partition] manifest): remove --sites", file=sys.stderr)
+        return 2
     run_dir = Path(args.out) if args.out else Path("runs") / config.name
     try:
         prepare_run_folder(run_dir, resume=args.resume, overwrite=args.overwrite)
     except RunFolderInUse as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    plan = SimulationPlan(config=config, run_dir=run_dir, num_sites=args.sites, data_seed=args.data_seed,
-                          site_scale=args.site_scale, max_parallel_sites=args.parallel, resume=args.resume)
+    plan = SimulationPlan(config=config, run_dir=run_dir, num_sites=args.sites or 4, data_seed=args.data_seed,
+                          site_scale=args.site_scale, max_parallel_sites=args.parallel, resume=args.resume,
+                          sites_from=args.sites_from)
+    try:
+        sites = resolve_sites(plan)
+    except (ManifestError, PartitionError) as exc:
+        print(f"error: the sites cannot be made: {exc}", file=sys.stderr)
+        return 2
+    checks = check_sites(sites, config)
+    print("pre-flight check of every site (counts stay on this machine):")
+    print(format_checks(checks))
+    try:
+        refuse_unless_ready(checks)
+    except PreflightRefused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     metrics = run_experiment(plan, baselines=not args.no_baselines, privacy_sweep=args.privacy_sweep,
-                             seeds=args.seeds)
+                             seeds=args.seeds, sites=sites)
     print()
     print(format_table(metrics))
     print()
     print(f"report: {run_dir / 'report.md'}")
-    print(f"metrics: {run_dir / 'metrics.json'} and {run_dir / 'metrics.csv'}; plots in {run_dir / 'plots'}")
+    print(f"metrics: {run_dir / 'metrics.json'} and {run_dir / 'metrics.csv'}; plots in {run_dir / 'plots'}; "
+          f"TensorBoard: tensorboard --logdir {run_dir.parent}")
     return 0
 
 
@@ -48,9 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    simulate = sub.add_parser("simulate", help="simulate a federation of synthetic hospitals (Flower + Ray)")
-    simulate.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="federation TOML")
-    simulate.add_argument("--sites", type=int, default=4, help="number of synthetic hospitals")
+    simulate = sub.add_parser("simulate", help="simulate a federation (synthetic hospitals or your own sites; "
+                              "Flower + Ray)")
+    simulate.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
+                          help="federation TOML (its [[sites]] or [partition] name your own sites)")
+    simulate.add_argument("--sites", type=int, default=None, help="number of synthetic hospitals (default 4)")
+    simulate.add_argument("--sites-from", type=Path, default=None,
+                          help="your own sites: a folder with one sub-folder per site, each holding a manifest.csv")
     simulate.add_argument("--rounds", type=int, default=0, help="override training.rounds")
     simulate.add_argument("--out", type=Path, default=None, help="run folder (default runs/<name>)")
     simulate.add_argument("--data-seed", type=int, default=0)

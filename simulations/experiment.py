@@ -32,7 +32,9 @@ from simulations.baselines import (
     run_pooled_ceiling,
     without_dp,
 )
-from simulations.simulate import SimulationPlan, run_federated, synthetic_sites
+from client.site_settings import SiteSettings
+from simulations.simulate import SimulationPlan, run_federated
+from simulations.site_sources import describe_sites, resolve_sites
 
 logger = logging.getLogger(__name__)
 
@@ -84,14 +86,18 @@ def _federated_variant(plan: SimulationPlan, variant: SimulationPlan, sites: Map
 
 
 def run_experiment(plan: SimulationPlan, *, baselines: bool = True, privacy_sweep: bool = False,
-                   seeds: int = 1) -> dict[str, Any]:
+                   seeds: int = 1, sites: Mapping[int, SiteSettings] | None = None) -> dict[str, Any]:
     """Run everything for one report; returns the main run's metrics.json as written.
+
+    ``sites`` (default: ``simulations.site_sources.resolve_sites(plan)``) are used by every row,
+    variant and seed; each keeps its state in its own run folder.
 
     With ``seeds > 1`` the whole comparison runs again for seeds ``seed + 1 ...`` (each in
     ``seeds/seed-N``, same hospitals, other initialisation, sampling and noise) and the summary gains
     each row's mean and spread over seeds.
     """
-    metrics = _run_one_seed(plan, baselines=baselines, privacy_sweep=privacy_sweep)
+    sites = dict(sites) if sites is not None else resolve_sites(plan)
+    metrics = _run_one_seed(plan, sites, baselines=baselines, privacy_sweep=privacy_sweep)
     if seeds > 1:
         means: dict[str, list[float]] = {name: [v] for name, v in metrics["summary"].items()
                                          if name in SUMMARY_ROWS and isinstance(v, (int, float))}
@@ -100,7 +106,9 @@ def run_experiment(plan: SimulationPlan, *, baselines: bool = True, privacy_swee
             seeded = dataclasses.replace(plan, config=plan.config.model_copy(update={"seed": seed}),
                                          run_dir=plan.run_dir / "seeds" / f"seed-{seed}", cache_root=plan.cache_dir,
                                          resume=False)
-            other = _run_one_seed(seeded, baselines=baselines, privacy_sweep=False)
+            seeded_sites = {i: dataclasses.replace(s, state_dir=seeded.run_dir / "sites" / s.site_name)
+                            for i, s in sites.items()}
+            other = _run_one_seed(seeded, seeded_sites, baselines=baselines, privacy_sweep=False)
             for name, value in other["summary"].items():
                 if name in means and isinstance(value, (int, float)):
                     means[name].append(value)
@@ -113,8 +121,8 @@ def run_experiment(plan: SimulationPlan, *, baselines: bool = True, privacy_swee
     return metrics
 
 
-def _run_one_seed(plan: SimulationPlan, *, baselines: bool, privacy_sweep: bool) -> dict[str, Any]:
-    sites = synthetic_sites(plan)
+def _run_one_seed(plan: SimulationPlan, sites: dict[int, SiteSettings], *, baselines: bool,
+                  privacy_sweep: bool) -> dict[str, Any]:
     metrics = run_federated(plan, sites)
     backbone = prepare_backbone(plan.config, plan.cache_dir, random_init=plan.random_init)
     per_variant: dict[str, SiteResults] = {"federated": evaluate_federated_sites(plan.config, sites, backbone)}
@@ -144,6 +152,7 @@ def _run_one_seed(plan: SimulationPlan, *, baselines: bool, privacy_sweep: bool)
         summary["privacy_utility"] = sweep
     metrics["summary"] = summary
     metrics["per_site_final"] = {name: _snake(rows) for name, rows in per_variant.items()}
+    metrics["sites"] = describe_sites(plan)
     _write(plan, metrics)
     return metrics
 
@@ -240,6 +249,7 @@ def format_report(metrics: Mapping[str, Any], plots: list[Path]) -> str:
         "",
         f"- model: {config.get('model', {}).get('architecture')} at {config.get('model', {}).get('image_size')} px, "
         f"strategy {config.get('strategy', {}).get('name')}, {summary.get('rounds_completed')} round(s); {dp}",
+        f"- sites: {metrics.get('sites', 'synthetic hospitals')}",
         f"- backbone: {backbone.get('source')} (fingerprint {str(backbone.get('fingerprint'))[:16]})",
         f"- largest epsilon spent by a site: {summary.get('max_epsilon')}",
         f"- bytes sent / received by the coordinator: {summary.get('total_bytes_sent')} / "

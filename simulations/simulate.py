@@ -1,4 +1,4 @@
-"""Simulate a whole federation of synthetic hospitals on one machine (Flower simulation on Ray).
+"""Simulate a whole federation (synthetic hospitals or the researcher's own sites) on one machine (Flower simulation on Ray).
 
 One call runs the federated job through Flower's simulation runtime, then the baselines on the
 same data and splits (local-only, pooled, random initialisation, DP off) and writes one run
@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,33 +19,11 @@ from tqdm import tqdm
 
 from client.client_app import make_client_app
 from client.site_settings import SiteSettings
-from common.config import FederationConfig
-from common.atomic_io import atomic_write_json
-from common.data.synthetic_hospitals import default_site_sizes, generate_federation
 from server.server_app import make_server_app
+from simulations.simulation_plan import SimulationPlan
+from simulations.site_sources import resolve_sites, synthetic_sites
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SimulationPlan:
-    """What to simulate: the federation config plus the synthetic hospitals and the machine share."""
-
-    config: FederationConfig
-    run_dir: Path
-    num_sites: int = 4
-    data_seed: int = 0
-    site_scale: float = 1.0
-    cpus_per_site: float = 1.0
-    max_parallel_sites: int = 2
-    resume: bool = False
-    random_init: bool = False
-    cache_root: Path | None = None
-
-    @property
-    def cache_dir(self) -> Path:
-        """Shared across runs: synthetic data and the pretrained backbone are made once."""
-        return self.cache_root or self.run_dir.parent / ".cache"
 
 
 class SimulationIncomplete(RuntimeError):
@@ -57,7 +34,7 @@ class RunFolderInUse(RuntimeError):
     """A new simulation was asked for in a folder that already holds a run."""
 
 
-_RUN_MARKERS = ("metrics.json", "checkpoints", "sites")
+_RUN_MARKERS = ("metrics.json", "checkpoints", "sites", "partition")
 
 
 def prepare_run_folder(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
@@ -87,38 +64,14 @@ def prepare_run_folder(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
     shutil.rmtree(run_dir)
 
 
-def synthetic_sites(plan: SimulationPlan) -> dict[int, SiteSettings]:
-    """Write (or reuse) the synthetic hospitals and map each simulation partition to one."""
-    data_dir = plan.cache_dir / f"hospitals-n{plan.num_sites}-s{plan.data_seed}-x{plan.site_scale:g}-" \
-                                f"{plan.config.model.image_size}px"
-    marker = data_dir / "manifests.json"
-    if marker.exists():
-        manifests = [data_dir / name for name in json.loads(marker.read_text())]
-    else:
-        sizes = [max(12, round(size * plan.site_scale)) for size in default_site_sizes(plan.num_sites)]
-        manifests = generate_federation(data_dir, num_sites=plan.num_sites, seed=plan.data_seed,
-                                        image_size=plan.config.model.image_size, site_sizes=sizes)
-        atomic_write_json(marker, [str(Path(m).relative_to(data_dir)) for m in manifests])
-    return {
-        index: SiteSettings(
-            site_name=f"hospital-{index}",
-            manifest=Path(manifest),
-            state_dir=plan.run_dir / "sites" / f"hospital-{index}",
-            device=plan.config.training.device,
-            # one decoded-image and one trunk-feature cache per synthetic site, shared by every run,
-            # variant and baseline on it (both are keyed by content)
-            decoded_cache_dir=data_dir / f"decoded-{index}",
-            features_cache_dir=data_dir / f"features-{index}",
-        )
-        for index, manifest in enumerate(manifests)
-    }
-
-
 def run_federated(plan: SimulationPlan, sites: dict[int, SiteSettings] | None = None) -> dict[str, Any]:
-    """Run the federation through Flower's simulation runtime; returns metrics.json as a dict."""
+    """Run the federation through Flower's simulation runtime; returns metrics.json as a dict.
+
+    sites: partition id -> site (default: the plan's sites, ``simulations.site_sources.resolve_sites``).
+    """
     from flwr.simulation import run_simulation
 
-    sites = sites if sites is not None else synthetic_sites(plan)
+    sites = sites if sites is not None else resolve_sites(plan)
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     progress = tqdm(total=plan.config.training.rounds, desc=f"{plan.run_dir.name}: rounds", unit="round")
 
@@ -170,3 +123,7 @@ def format_round_line(record: dict[str, Any]) -> str:
         cells.append(f"{site}: bacc {bacc:.3f} eps {eps:.2f}" if isinstance(bacc, float) and isinstance(eps, float)
                      else f"{site}: {row.get('status', '?')}")
     return f"round {record['round']:>3} | {record.get('wall_time_s') or 0:6.1f} s | " + " | ".join(cells)
+
+
+__all__ = ["RunFolderInUse", "SimulationIncomplete", "SimulationPlan", "format_round_line", "prepare_run_folder",
+           "resolve_sites", "run_federated", "synthetic_sites"]
