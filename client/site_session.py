@@ -17,7 +17,9 @@ from torch import nn
 
 from client.dp.local_training import TrainingOutcome, random_flip_and_shift, train_tail
 from client.evaluation_metrics import bootstrap_balanced_accuracy, classification_metrics
-from client.personal_head import PersonalHead, fit_personal_head
+from client.inference.operating_point import operating_point_from_validation
+from client.inference.site_model_record import record_fit, record_test_metrics
+from client.personal_head import PersonalHead, fit_personal_head_with_validation
 from client.privacy.privacy_budget import PrivacyLedger
 from client.privacy.privacy_plan import default_delta, sample_rate_for, steps_per_epoch
 from client.site_settings import SiteSettings
@@ -166,16 +168,39 @@ class SiteSession:
     def num_train(self) -> int:
         return len(self.train.labels)
 
+    @property
+    def num_train_units(self) -> int:
+        """Training units of privacy: patients (the default unit) or images."""
+        if self.config.privacy.unit == "patient":
+            return len(set(self.train.patients))
+        return self.num_train
+
     def privacy_ledger(self) -> PrivacyLedger:
         privacy, training = self.config.privacy, self.config.training
-        delta = privacy.target_delta or default_delta(self.num_train)
+        delta = privacy.target_delta or default_delta(self.num_train_units)
         return self.state.open_ledger(
             target_epsilon=privacy.target_epsilon,
             delta=delta,
             sample_rate=sample_rate_for(self.num_train, training.batch_size),
             planned_steps=self.planned_steps_per_round() * training.rounds,
             accountant=privacy.accountant,
+            unit=privacy.unit,
         )
+
+    def loss_weights(self) -> torch.Tensor | None:
+        """Class weights of the training loss: fixed ones from the configuration, else (without DP
+        only) inverse frequencies of the site's labels. Under DP, label counts are private data:
+        weights from them would let one record move every other record's loss term."""
+        training = self.config.training
+        if training.class_weights is not None:
+            return torch.tensor(training.class_weights, dtype=torch.float32)
+        if not training.class_weighting:
+            return None
+        if self.config.privacy.enabled:
+            logger.info("[%s] under DP the loss is not weighted by the site's label counts; set "
+                        "training.class_weights for fixed class weights", self.settings.site_name)
+            return None
+        return class_weights(self.train.labels, self.config.model.num_classes)
 
     def planned_steps_per_round(self) -> int:
         training = self.config.training
@@ -238,9 +263,7 @@ class SiteSession:
     def train_round(self, server_round: int, proximal_mu: float, ledger: PrivacyLedger | None) -> TrainingOutcome:
         training = self.config.training
         global_shared = self.shared_state()
-        weights = (
-            class_weights(self.train.labels, self.config.model.num_classes) if training.class_weighting else None
-        )
+        weights = self.loss_weights()
         seed = _site_seed(self.config.seed, self.settings.site_name) * 1000 + server_round
         outcome = train_tail(
             self.model.tail(self.boundary),
@@ -259,6 +282,7 @@ class SiteSession:
             seed=seed,
             augment=(random_flip_and_shift(generator=torch.Generator().manual_seed(seed + 3))
                      if training.augmentation else None),
+            patients=self.train.patients,
         )
         local = set(self.groups.local)
         self.state.save_local_head(
@@ -284,9 +308,10 @@ class SiteSession:
 
     def fit_personal_head(self, global_id: str = "") -> PersonalHead:
         """Fit and store this site's personal head on the current global features (never sent)."""
-        head = fit_personal_head(self.features(self.train), self.train.labels, self.train.patients,
-                                 self.config.model.num_classes)
+        head, out_of_fold = fit_personal_head_with_validation(self.features(self.train), self.train.labels,
+                                                              self.train.patients, self.config.model.num_classes)
         self.state.save_personal_head(head.state_dict(), global_id=global_id, backbone_fingerprint=self.fingerprint)
+        self._record_model(global_id, None if out_of_fold is None else out_of_fold.softmax(dim=1))
         logger.info("[%s] personal head fitted (L2 %.3g, %d patient folds)", self.settings.site_name, head.l2,
                     head.folds)
         return head
@@ -294,8 +319,27 @@ class SiteSession:
     @torch.no_grad()
     def evaluate(self, global_id: str = "") -> dict[str, float]:
         """Test metrics of the site's model: its personal head on the global features (the default,
-        ``training.personal_head = "linear_probe"``), or the head DP-SGD trained (``"none"``)."""
-        return classification_metrics(self._test_logits(global_id), self.test.labels, self.config.model.num_classes)
+        ``training.personal_head = "linear_probe"``), or the head DP-SGD trained (``"none"``).
+
+        The metrics, with a patient-bootstrap interval, are also kept in the site's ``site_model.json``
+        for its model card (``client.inference``); only the returned keys may leave the site."""
+        logits = self._test_logits(global_id)
+        metrics = classification_metrics(logits, self.test.labels, self.config.model.num_classes)
+        if self.config.training.personal_head == "none":
+            self._record_model(global_id, None, why="the head trained with the shared layers (training.personal_head "
+                               "= 'none') saw every training patient: none is left to validate a threshold on")
+        low, high = bootstrap_balanced_accuracy(logits, self.test.labels, self.test.patients, seed=self.config.seed)
+        record_test_metrics(self.state.root, global_id=global_id, metrics={
+            **metrics, "ci-low": low, "ci-high": high, "test-patients": float(len(set(self.test.patients)))})
+        return metrics
+
+    def _record_model(self, global_id: str, validation_probabilities: torch.Tensor | None, why: str = "") -> None:
+        """Choose the operating point on the validation patients and write ``site_model.json`` (never sent)."""
+        point = operating_point_from_validation(validation_probabilities, self.train.labels, self.train.patients,
+                                                list(self.config.model.class_names), self.config.operating_point,
+                                                **({"no_validation_note": why} if why else {}))
+        record_fit(self.state.root, config=self.config, backbone_fingerprint=self.fingerprint, global_id=global_id,
+                   last_trained_round=self.state.last_trained_round(), operating_point=point)
 
     @torch.no_grad()
     def test_report(self, global_id: str = "", seed: int = 0) -> dict[str, float]:

@@ -161,6 +161,7 @@ class SiteState:
         sample_rate: float,
         planned_steps: int,
         accountant: str = "rdp",
+        unit: str = "image",
     ) -> PrivacyLedger:
         """Resume or create ``ledger.json`` (see :meth:`PrivacyLedger.load_or_create`).
 
@@ -183,6 +184,7 @@ class SiteState:
             sample_rate=sample_rate,
             planned_steps=planned_steps,
             accountant=accountant,  # type: ignore[arg-type]
+            unit=unit,
         )
 
     # ------------------------------------------------------------------ local head

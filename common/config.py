@@ -77,12 +77,24 @@ class LayerPolicyConfig(_Section):
 
 
 class PrivacyConfig(_Section):
-    """Sample-level differential privacy (one image is the unit of privacy)."""
+    """Differential privacy of each site's training data.
+
+    ``unit = "patient"`` (the default) protects a whole patient: all of a patient's images are
+    sampled together, their gradients summed and that sum clipped, and the budget counts patient
+    steps. ``"image"`` protects one image only (a patient with k images is then protected at
+    roughly k x epsilon).
+    """
 
     enabled: bool = True
+    unit: Literal["patient", "image"] = Field(
+        "patient", description="what one unit of privacy is: a 'patient' (all their images) or one 'image'"
+    )
     target_epsilon: float = Field(8.0, gt=0, le=100)
     target_delta: float | None = Field(
-        None, gt=0, lt=1, description="default: 1 / (10 x site training-set size)"
+        None,
+        gt=0,
+        lt=1,
+        description="default: min(1e-5, 1 / n^1.1) with n the site's training patients (or images)",
     )
     max_grad_norm: float = Field(1.0, gt=0)
     accountant: Literal["rdp", "prv"] = "rdp"
@@ -112,7 +124,15 @@ class TrainingConfig(_Section):
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
-    class_weighting: bool = True
+    class_weighting: bool = Field(
+        True,
+        description="weight the loss by inverse class frequency; without DP from the site's own label counts, "
+        "under DP only from training.class_weights (label counts are private: weights derived from them would "
+        "tie every sample's loss to every other's)",
+    )
+    class_weights: list[float] | None = Field(
+        None, description="fixed loss weight per class (same order as model.class_names); used with and without DP"
+    )
     augmentation: bool = False
     trunk_cache: Literal["auto", "off"] = Field(
         "auto",
@@ -132,6 +152,13 @@ class TrainingConfig(_Section):
     )
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'")
 
+    @field_validator("class_weights")
+    @classmethod
+    def _weights_are_positive(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and not all(weight > 0 and weight < float("inf") for weight in value):
+            raise ValueError("every class weight must be a positive number")
+        return value
+
 
 class DataConfig(_Section):
     """How a site's images are split and preprocessed."""
@@ -139,6 +166,98 @@ class DataConfig(_Section):
     test_fraction: float = Field(0.25, gt=0, lt=1)
     split_seed: int = 0
     frame_policy: Literal["middle", "first"] = "middle"
+    min_test_patients: int = Field(
+        2, ge=1, description="a simulation refuses to start when a site has fewer test patients than this"
+    )
+
+
+def _plain_name(value: str) -> str:
+    if not value or not all(ch.isalnum() or ch in "-_." for ch in value):
+        raise ValueError("use letters, digits, '-', '_' or '.' only")
+    return value
+
+
+class SiteConfig(_Section):
+    """One simulated site on the researcher's own data (``[[sites]]``; simulations only, never sent)."""
+
+    name: str = Field(description="the site's name in every table (letters, digits, '-', '_', '.')")
+    manifest: Path = Field(description="the site's manifest CSV or class-folder root (relative to the TOML)")
+    state_dir: Path | None = Field(
+        None, description="where the simulated site keeps its ledger and heads (default: <run>/sites/<name>)"
+    )
+
+    _name_is_plain = field_validator("name")(_plain_name)
+
+
+class PartitionConfig(_Section):
+    """Cut one labelled manifest into simulated sites, by patient (``[partition]``; simulations only).
+
+    ``by = "column"``: the value of ``column`` (e.g. ``hospital``) names each patient's site (a
+    natural split); ``"iid"``: patients dealt at random into ``num_sites`` sites, every class spread
+    evenly; ``"dirichlet"``: each class's patients shared out by proportions drawn from
+    Dirichlet(``alpha``), small alpha = strong label skew (redrawn until every site holds
+    ``min_images_per_site`` images; each site first receives ``min_patients_per_class`` patients of
+    every class so that it can train and be tested on each). ``manifest`` omitted: the synthetic
+    hospitals pooled into one manifest (with a ``hospital`` column).
+    """
+
+    by: Literal["column", "iid", "dirichlet"]
+    manifest: Path | None = Field(None, description="the manifest to cut (relative to the TOML)")
+    column: str | None = Field(None, description="with by = \"column\": the manifest column naming the site")
+    num_sites: int | None = Field(None, ge=1, le=1000, description="with by = \"iid\" or \"dirichlet\"")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (by = \"dirichlet\")")
+    min_images_per_site: int = Field(10, ge=0, description="redraw a Dirichlet partition until every site has this")
+    min_patients_per_class: int = Field(
+        2, ge=0, description="patients of every class each Dirichlet site gets first (one to train, one to test)"
+    )
+    seed: int = Field(0, description="the same seed gives the same per-site manifests")
+
+    @model_validator(mode="after")
+    def _fits_method(self) -> PartitionConfig:
+        if self.by == "column" and not self.column:
+            raise ValueError('by = "column" needs column = "<manifest column naming the site>", e.g. "hospital"')
+        if self.by != "column" and self.num_sites is None:
+            raise ValueError(f'by = "{self.by}" needs num_sites = <how many sites to make>')
+        if self.by != "column" and self.column:
+            raise ValueError(f'by = "{self.by}" takes no column; remove it or use by = "column"')
+        return self
+
+    def describe(self) -> str:
+        """How the run's sites were made, in words."""
+        if self.by == "column":
+            return f"sites from manifest column {self.column!r}"
+        if self.by == "iid":
+            return f"IID partition into {self.num_sites} sites (seed {self.seed})"
+        return f"Dirichlet({self.alpha:g}) partition into {self.num_sites} sites (seed {self.seed})"
+
+
+class OperatingPointConfig(_Section):
+    """How each site picks its decision threshold for the positive class (the last class) at the end of training.
+
+    Chosen at the site, on its own validation patients (out-of-fold predictions of its personal head over
+    patient folds of its training patients); stored with its model and used by ``fedtl-hospital predict``.
+    ``rule``: ``"youden"`` (most sensitivity + specificity), ``"sensitivity"`` (the highest threshold whose
+    validation sensitivity reaches ``target``), ``"specificity"`` (the lowest whose specificity reaches
+    ``target``) or ``"argmax"`` (the most probable class, no threshold). Binary problems only; with more
+    classes predictions are always the most probable class.
+    """
+
+    rule: Literal["youden", "sensitivity", "specificity", "argmax"] = "youden"
+    target: float | None = Field(None, gt=0, lt=1, description="sensitivity or specificity to reach, e.g. 0.9")
+
+    @model_validator(mode="after")
+    def _target_fits_rule(self) -> OperatingPointConfig:
+        if self.rule in ("sensitivity", "specificity") and self.target is None:
+            raise ValueError(
+                f"rule = \"{self.rule}\" needs a target between 0 and 1, e.g. [operating_point] rule = "
+                f"\"{self.rule}\" and target = 0.9"
+            )
+        if self.rule in ("youden", "argmax") and self.target is not None:
+            raise ValueError(
+                f"rule = \"{self.rule}\" takes no target; remove 'target' or use rule = \"sensitivity\" "
+                "or \"specificity\""
+            )
+        return self
 
 
 class FederationConfig(_Section):
@@ -152,6 +271,20 @@ class FederationConfig(_Section):
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    operating_point: OperatingPointConfig = Field(default_factory=OperatingPointConfig)
+    # Where a simulation's sites come from (simulations only; never sent to a site, see to_json):
+    sites: list[SiteConfig] = Field(default_factory=list, description="[[sites]]: the researcher's own sites")
+    partition: PartitionConfig | None = Field(None, description="[partition]: sites cut out of one manifest")
+
+    @model_validator(mode="after")
+    def _class_weights_match_classes(self) -> FederationConfig:
+        weights = self.training.class_weights
+        if weights is not None and len(weights) != self.model.num_classes:
+            raise ValueError(
+                f"training.class_weights lists {len(weights)} weights for {self.model.num_classes} classes; "
+                "give one weight per class, in the order of model.class_names"
+            )
+        return self
 
     @field_validator("name")
     @classmethod
@@ -169,7 +302,7 @@ class FederationConfig(_Section):
             raise ConfigError(f"{path}: no such configuration file") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML ({exc}); check quotes and brackets") from None
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(raw, source=str(path)).with_paths_under(path.parent)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "configuration") -> FederationConfig:
@@ -178,8 +311,34 @@ class FederationConfig(_Section):
         except ValidationError as exc:
             raise ConfigError(explain_validation_error(exc, source)) from None
 
+    @model_validator(mode="after")
+    def _one_source_of_sites(self) -> FederationConfig:
+        if self.sites and self.partition is not None:
+            raise ValueError("give either [[sites]] tables or a [partition], not both")
+        names = [site.name for site in self.sites]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"[[sites]] names must differ; {', '.join(twice)} appear more than once")
+        return self
+
+    def with_paths_under(self, folder: Path) -> FederationConfig:
+        """The same configuration with the sites' relative paths taken relative to ``folder`` (the TOML's)."""
+
+        def under(path: Path | None) -> Path | None:
+            return None if path is None or path.is_absolute() else (folder / path).resolve()
+
+        sites = [site.model_copy(update={"manifest": under(site.manifest) or site.manifest,
+                                         "state_dir": under(site.state_dir) or site.state_dir})
+                 for site in self.sites]
+        partition = self.partition
+        if partition is not None and partition.manifest is not None:
+            partition = partition.model_copy(update={"manifest": under(partition.manifest) or partition.manifest})
+        return self.model_copy(update={"sites": sites, "partition": partition})
+
     def to_json(self) -> str:
-        return self.model_dump_json()
+        # where the simulated sites' files are is the researcher's business, not the federation's:
+        # it is left out of what the coordinator sends to sites and of checkpoints
+        return self.model_dump_json(exclude={"sites", "partition"})
 
     @classmethod
     def from_json(cls, text: str) -> FederationConfig:

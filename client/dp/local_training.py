@@ -1,8 +1,11 @@
 """Local fine-tuning of the trainable tail (shared layers + local head), with or without DP.
 
-Under DP every step is DP-SGD through Opacus: Poisson sampling, per-sample clipping (ghost
-clipping by default, with fedtl's convolution norm samplers), Gaussian noise on every trainable
-parameter, shared and local. In ghost mode the backward is ``client.dp.ghost_clipping``'s:
+Under DP every step is DP-SGD through Opacus: Poisson sampling of the privacy unit (patients by
+default, see ``client.dp.patient_sampling``; images with ``privacy.unit = "image"``), clipping of
+each unit's gradient (for images ghost clipping by default, with fedtl's convolution norm
+samplers), Gaussian noise on every trainable parameter, shared and local. The loss is a mean of
+per-sample terms with fixed class weights (``client.dp.sample_weighted_loss``), so no sample's
+term depends on another's. In ghost mode the backward is ``client.dp.ghost_clipping``'s:
 Opacus' two passes, the first one computing no parameter gradients. The accountant comes from
 the site's ledger, so the epsilon after this call is the site's cumulative one. FedProx's
 proximal gradient is added after privatisation, where Opacus cannot drop it (see
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -22,6 +25,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import common.models.conv_norm_samplers  # noqa: F401 - registers Opacus norm samplers for convolutions
 from client.dp.fused_noise_optimizer import use_fused_noise
 from client.dp.ghost_clipping import DirectWeightGradients, TrainableInputLeaves, ghost_clipped_backward
+from client.dp.patient_sampling import grad_sample_mode_for, patient_loader, sum_grad_samples_by_patient
+from client.dp.sample_weighted_loss import SampleWeightedCrossEntropy
 from client.privacy.privacy_budget import PrivacyLedger
 from client.dp.proximal import dp_step_with_proximal
 from common.config import PrivacyConfig, TrainingConfig
@@ -57,20 +62,36 @@ def train_tail(
     device: torch.device,
     seed: int,
     augment: Augment | None = None,
+    patients: Sequence[str] | None = None,
 ) -> TrainingOutcome:
-    """Train ``tail(inputs, clinical) -> logits`` for ``training.local_epochs`` epochs."""
+    """Train ``tail(inputs, clinical) -> logits`` for ``training.local_epochs`` epochs.
+
+    ``patients`` (one site-local id per image) is required under DP with the patient unit.
+    """
     if len(inputs) == 0:
         raise ValueError("this site has no training images; check its manifest and the split")
+    by_patient = privacy.enabled and privacy.unit == "patient"
+    if by_patient and patients is None:
+        raise ValueError("privacy.unit = 'patient' needs the patient id of every training image")
     generator = torch.Generator().manual_seed(seed)
     tail.to(device).train()
     params = [p for _, p in named_shared] + [p for _, p in named_local]
     optimizer: torch.optim.Optimizer = torch.optim.SGD(
         params, lr=training.learning_rate, momentum=training.momentum
     )
-    weight = class_weights.to(device) if class_weights is not None else None
-    criterion = nn.CrossEntropyLoss(weight=weight)
-    dataset = TensorDataset(inputs, clinical, labels)
-    loader = DataLoader(dataset, batch_size=training.batch_size, shuffle=True, generator=generator)
+    criterion: Callable[..., torch.Tensor] = SampleWeightedCrossEntropy(
+        class_weights.to(device) if class_weights is not None else None
+    )
+    if by_patient:
+        # Opacus keeps this loader (no Poisson re-wrapping): its batches already are Poisson
+        # draws of patients, at the rate the ledger planned (1 / number of batches).
+        assert patients is not None
+        batches = max(1, -(-len(inputs) // training.batch_size))
+        loader = patient_loader((inputs, clinical, labels), patients, 1.0 / batches, generator)
+    else:
+        dataset = TensorDataset(inputs, clinical, labels)
+        loader = DataLoader(dataset, batch_size=training.batch_size, shuffle=True, generator=generator)
+    grad_sample_mode = grad_sample_mode_for(privacy.grad_sample_mode, privacy.unit)
     global_on_device = (
         {name: tensor.to(device) for name, tensor in global_shared.items()} if global_shared else None
     )
@@ -91,28 +112,31 @@ def train_tail(
             data_loader=loader,
             noise_multiplier=ledger.noise_multiplier,
             max_grad_norm=privacy.max_grad_norm,
-            poisson_sampling=True,
-            grad_sample_mode=privacy.grad_sample_mode,
+            poisson_sampling=not by_patient,
+            grad_sample_mode=grad_sample_mode,
             noise_generator=torch.Generator(device=device).manual_seed(seed + 1),
         )
-        if privacy.grad_sample_mode == "ghost":
+        if grad_sample_mode == "ghost":
             dp_module, optimizer, criterion, loader = made
             optimizer = use_fused_noise(optimizer)  # same noised gradients, fewer copies per step
         else:
             dp_module, optimizer, loader = made
+        if by_patient:  # the mean is over expected patients, the units that are clipped
+            optimizer.expected_batch_size = max(1, round(loader.batch_sampler.num_patients / len(loader)))
         model_call: nn.Module = dp_module
     else:
         engine = None
         model_call = tail
 
-    fast_ghost = dp_module is not None and privacy.grad_sample_mode == "ghost"
+    fast_ghost = dp_module is not None and grad_sample_mode == "ghost"
     direct = DirectWeightGradients.attach(tail) if fast_ghost else None
     input_leaves = TrainableInputLeaves.attach(tail) if fast_ghost else None
     losses: list[float] = []
     steps = 0
     try:
         for _epoch in range(training.local_epochs):
-            for batch_inputs, batch_clinical, batch_labels in loader:
+            for batch in loader:
+                batch_inputs, batch_clinical, batch_labels = batch[:3]
                 optimizer.zero_grad(set_to_none=True)
                 if len(batch_labels) == 0:
                     # Poisson sampling can draw an empty batch: the step still happens (noise only).
@@ -131,6 +155,8 @@ def train_tail(
                         ghost_clipped_backward(loss, dp_module, input_leaves.leaves(), direct)
                     else:
                         loss.backward()
+                    if by_patient:
+                        sum_grad_samples_by_patient(params, batch[3])
                     losses.append(float(loss.item()))
                 dp_step_with_proximal(optimizer, named_shared, global_on_device, proximal_mu)
                 steps += 1

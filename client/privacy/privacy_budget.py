@@ -2,19 +2,19 @@
 
 Unit of privacy
 ---------------
-The guarantee is *sample-level* (epsilon, delta)-differential privacy with DP-SGD and Poisson
-sampling: the unit of privacy is ONE IMAGE (one training example). Adding or removing a single
-image from a site's training set changes the distribution of everything the site ever sends
-(all rounds together) by at most the factor e^epsilon, up to probability delta.
+The guarantee is (epsilon, delta)-differential privacy with DP-SGD and Poisson sampling of the
+ledger's *unit* (``plan.unit``):
 
-Patients with several images
-----------------------------
-A patient who contributes k images (several studies, views or frames) is protected only by
-*group privacy*: for a patient-level guarantee the figures degrade to roughly
-``k * epsilon`` and ``k * e^((k-1) * epsilon) * delta``. With epsilon = 8 and a patient with
-4 images that is epsilon ~ 32, which is no meaningful protection for that patient. Sites that
-need a patient-level guarantee must either keep one image per patient in the training set or
-pick a target epsilon of (patient budget / largest k).
+* ``"patient"`` (the default): each step samples patients (every patient independently with
+  probability q), sums each sampled patient's per-image gradients and clips that sum
+  (``client.dp.patient_sampling``). Adding or removing ALL of one patient's images changes the
+  distribution of the shared-layer updates the site sends (all rounds together) by at most the
+  factor e^epsilon, up to probability delta.
+* ``"image"``: the same for a single image. A patient with k images is then protected only by
+  group privacy, roughly ``k * epsilon`` and ``k * e^((k-1) * epsilon) * delta``.
+
+What this covers is the shared-layer updates; the other fields a site sends are listed with
+their status in ``common.wire_contract``.
 
 How the budget is spent
 -----------------------
@@ -116,6 +116,7 @@ class PrivacyLedger:
         sample_rate: float,
         planned_steps: int,
         accountant: AccountantKind = "rdp",
+        unit: str = "image",
     ) -> PrivacyLedger:
         """Resume the ledger at ``path`` or, when the file does not exist, plan and create it.
 
@@ -130,14 +131,18 @@ class PrivacyLedger:
             sample_rate: Poisson sample rate of one step.
             planned_steps: steps over all planned rounds.
             accountant: ``"rdp"`` or ``"prv"``.
+            unit: ``"patient"`` or ``"image"``: what delta, the sample rate and the steps count.
         """
         path = Path(path)
+        if unit not in ("patient", "image"):
+            raise ValueError(f"unit must be 'patient' or 'image', got {unit!r}")
         requested = PrivacyPlan(
             target_epsilon=float(target_epsilon),
             delta=float(delta),
             sample_rate=float(sample_rate),
             planned_steps=int(planned_steps),
             accountant=str(accountant),
+            unit=unit,
         )
         check_plan_inputs(
             requested.target_epsilon,
@@ -231,6 +236,12 @@ class PrivacyLedger:
                 f"now asks for {requested.accountant!r}. Set privacy.accountant = "
                 f"{current.accountant!r}: the budget already spent stays counted."
             )
+        if requested.unit != current.unit:
+            raise LedgerPlanMismatchError(
+                f"{where} protects one {current.unit}; the configuration now asks for the {requested.unit} "
+                f"unit. A budget's unit can not change mid-federation: set privacy.unit = {current.unit!r} "
+                "for this federation (the budget already spent stays counted)."
+            )
         if not math.isclose(requested.delta, current.delta, rel_tol=_REL_TOLERANCE):
             raise LedgerPlanMismatchError(
                 f"{where} was planned for delta={current.delta:.6g}; the configuration now gives "
@@ -277,6 +288,11 @@ class PrivacyLedger:
             )
 
     # ------------------------------------------------------------------ properties
+    @property
+    def unit(self) -> str:
+        """What one unit of privacy is: ``"patient"`` or ``"image"``."""
+        return self.plan.unit
+
     @property
     def delta(self) -> float:
         """The site's delta (fixed for the ledger's life)."""

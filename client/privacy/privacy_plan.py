@@ -26,15 +26,21 @@ AccountantKind = Literal["rdp", "prv"]
 SUPPORTED_ACCOUNTANTS: frozenset[str] = frozenset({"rdp", "prv"})
 
 
-def default_delta(n_train: int) -> float:
-    """Delta for a site with ``n_train`` training images: ``1 / (10 n)``, well below ``1 / n``.
+MAX_DEFAULT_DELTA = 1e-5
+
+
+def default_delta(n_units: int) -> float:
+    """Delta for a site with ``n_units`` training units (patients, or images under the image unit).
+
+    ``min(1e-5, 1 / n^1.1)``: well below ``1 / n``, so that no mechanism that simply publishes
+    one unit's records at random can meet it, and never above the usual 1e-5.
 
     Args:
-        n_train: number of training images at the site (the privacy unit is one image).
+        n_units: number of privacy units (patients or images) in the site's training set.
     """
-    if n_train < 1:
-        raise ValueError(f"n_train must be at least 1 to choose a delta, got {n_train}")
-    return 1.0 / (10.0 * n_train)
+    if n_units < 1:
+        raise ValueError(f"need at least one training patient (or image) to choose a delta, got {n_units}")
+    return min(MAX_DEFAULT_DELTA, 1.0 / float(n_units) ** 1.1)
 
 
 def sample_rate_for(n_train: int, batch_size: int) -> float:
@@ -130,6 +136,8 @@ class PrivacyPlan:
         sample_rate: Poisson sample rate of one step.
         planned_steps: steps over all planned rounds.
         accountant: ``"rdp"`` or ``"prv"``.
+        unit: what one unit of privacy is, ``"patient"`` or ``"image"`` (ledgers written before
+            the patient unit existed are image-level).
     """
 
     target_epsilon: float
@@ -137,6 +145,7 @@ class PrivacyPlan:
     sample_rate: float
     planned_steps: int
     accountant: str
+    unit: str = "image"
 
 
 def check_sample_rate(sample_rate: float) -> None:

@@ -98,7 +98,7 @@ def worker(mode: str, images_count: int, image_size: int, batch_size: int, cache
             named_shared=[(n, named[n]) for n in groups.shared],
             named_local=[(n, named[n]) for n in groups.local if n in named],
             training=TrainingConfig(local_epochs=1, batch_size=batch_size),
-            privacy=PrivacyConfig(enabled=True, target_epsilon=8.0, target_delta=1e-5),
+            privacy=PrivacyConfig(enabled=True, unit="image", target_epsilon=8.0, target_delta=1e-5),
             ledger=ledger, global_shared=None, proximal_mu=0.0, class_weights=None,
             device=torch.device("cpu"), seed=3,
         )

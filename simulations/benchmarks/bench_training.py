@@ -341,7 +341,7 @@ def _train_tail_call(
     named_local = [(name, named[name]) for name in groups.local if name in named]
     training = TrainingConfig(batch_size=spec.batch_size, local_epochs=epochs,
                               learning_rate=spec.learning_rate, momentum=spec.momentum)
-    privacy = PrivacyConfig(enabled=private, target_epsilon=spec.target_epsilon, target_delta=spec.delta,
+    privacy = PrivacyConfig(enabled=private, unit="image", target_epsilon=spec.target_epsilon, target_delta=spec.delta,
                             max_grad_norm=spec.max_grad_norm, grad_sample_mode="ghost")
     ledger = _site_ledger(spec, len(features), ledger_dir) if private else None
     tail = model.tail(boundary)

@@ -201,7 +201,7 @@ def _train_dp(model: FedModel, policy: LayerPolicy, boundary: int, inputs: torch
     groups = apply_policy(model, policy)
     named = dict(model.named_parameters())
     training = TrainingConfig(local_epochs=2, batch_size=4, learning_rate=0.1, momentum=0.0)
-    privacy = PrivacyConfig(enabled=True, target_epsilon=8.0, target_delta=1e-3, max_grad_norm=1.0)
+    privacy = PrivacyConfig(enabled=True, unit="image", target_epsilon=8.0, target_delta=1e-3, max_grad_norm=1.0)
     ledger = PrivacyLedger.load_or_create(ledger_path, target_epsilon=8.0, delta=1e-3,
                                           sample_rate=sample_rate_for(len(inputs), 4),
                                           planned_steps=2 * steps_per_epoch(sample_rate_for(len(inputs), 4)))

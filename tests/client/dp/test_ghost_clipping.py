@@ -254,7 +254,7 @@ def _train(
     inputs, clinical = torch.randn(20, 4, 8, 8, generator=generator), torch.randn(20, 2, generator=generator)
     labels = torch.randint(0, 3, (20,), generator=generator)
     training = TrainingConfig(batch_size=5, local_epochs=2, learning_rate=0.1, momentum=0.9)
-    privacy = PrivacyConfig(enabled=True, target_epsilon=8.0, target_delta=1e-3, max_grad_norm=0.5,
+    privacy = PrivacyConfig(enabled=True, unit="image", target_epsilon=8.0, target_delta=1e-3, max_grad_norm=0.5,
                             grad_sample_mode=grad_sample_mode)
     ledger_path = tmp_path / f"ledger-{grad_sample_mode}-{len(list(tmp_path.iterdir()))}.json"
     ledger = PrivacyLedger.load_or_create(ledger_path, target_epsilon=8.0, delta=1e-3,
@@ -363,7 +363,7 @@ def test_train_tail_in_ghost_mode_clips_a_layer_fed_by_a_constant_like_opacus(
                 torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]),
                 named_shared=list(tail.named_parameters()), named_local=[],
                 training=TrainingConfig(batch_size=4, local_epochs=1),
-                privacy=PrivacyConfig(enabled=True, target_delta=1e-3, grad_sample_mode="ghost"),
+                privacy=PrivacyConfig(enabled=True, unit="image", target_delta=1e-3, grad_sample_mode="ghost"),
                 ledger=ledger, global_shared=None, proximal_mu=0.0, class_weights=None,
                 device=torch.device("cpu"), seed=0,
             )

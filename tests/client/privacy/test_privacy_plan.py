@@ -15,9 +15,11 @@ def _quiet_opacus_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*Optimal order.*")
 
 
-def test_default_delta_is_below_one_over_n() -> None:
-    assert default_delta(1000) == pytest.approx(1e-4)
-    assert default_delta(1000) < 1 / 1000
+def test_default_delta_is_at_most_one_over_n_to_the_1_1_and_at_most_1e_5() -> None:
+    assert default_delta(30) == pytest.approx(1e-5)  # small sites: 1/30^1.1 = 0.024 is far too loose
+    assert default_delta(10**6) == pytest.approx(1 / (10**6) ** 1.1)
+    for n in (1, 7, 29, 100, 1000, 10**5, 10**7):
+        assert default_delta(n) <= min(1e-5, 1 / n**1.1) * (1 + 1e-12)
     with pytest.raises(ValueError):
         default_delta(0)
 
