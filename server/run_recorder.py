@@ -1,7 +1,8 @@
-"""Record what each round did, per site, into ``metrics.json`` and ``metrics.csv``.
+"""Record what each round did, per site, into ``metrics.json`` and ``metrics.csv`` (and TensorBoard).
 
 Both files are rewritten atomically after every round, so a crash never leaves a half file
-and a resumed run keeps its earlier rounds. ``metrics.json`` is read by other tools
+and a resumed run keeps its earlier rounds; the round's scalars are also appended to
+``tensorboard/`` (``server.tensorboard_log``). ``metrics.json`` is read by other tools
 (``server.report_plots``, the simulations); its schema::
 
     {"config": {...}, "backbone": {...},
@@ -35,6 +36,7 @@ import numpy as np
 from flwr.app import ArrayRecord
 
 from common.atomic_io import atomic_write_json, atomic_write_text
+from server.tensorboard_log import write_round
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +163,7 @@ class RunRecorder:
         self.rounds = [r for r in self.rounds if r["round"] != server_round] + [record]
         self.rounds.sort(key=lambda r: r["round"])
         self.write()
+        write_round(self.run_dir, record)
         return record
 
     # ------------------------------------------------------------------------- output
