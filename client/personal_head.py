@@ -133,6 +133,21 @@ def fit_personal_head(
     grid: Sequence[float] = L2_GRID,
 ) -> PersonalHead:
     """Fit the site's personal head on its training images (see the module docstring)."""
+    return fit_personal_head_with_validation(features, labels, patients, num_classes, grid)[0]
+
+
+def fit_personal_head_with_validation(
+    features: torch.Tensor, labels: torch.Tensor, patients: Sequence[str], num_classes: int,
+    grid: Sequence[float] = L2_GRID,
+) -> tuple[PersonalHead, torch.Tensor | None]:
+    """The personal head and its out-of-fold logits ``(N, num_classes)`` on the training images.
+
+    Each image's out-of-fold logits come from the cross-validation fit (at the chosen L2 strength) that
+    held out its patient's whole fold: they are predictions on *validation patients*, what the site's
+    operating point is chosen on (``client.inference.operating_point``). ``None`` when there were too
+    few patients to cross-validate. They cost no extra fit: the cross-validation computes them anyway.
+    (The standardisation uses all training images, as the L2 choice does; it holds no label.)
+    """
     if len(labels) == 0:
         raise ValueError("this site has no training images; check its manifest and the split")
     x = features.double()
@@ -141,10 +156,12 @@ def fit_personal_head(
     scale = x.std(0, unbiased=False).clamp(min=1e-6)
     z = (x - mean) / scale
     folds = patient_folds(patients, y, num_classes)
+    out_of_fold = None
     if folds:
         # Strongest regularisation first, each fit warm-started from the previous one (a path).
         order = sorted(range(len(grid)), key=lambda i: -grid[i])
         scores = [0.0] * len(grid)
+        held_out = torch.zeros(len(grid), len(y), num_classes, dtype=torch.float64)
         for validation in folds:
             train = ~validation
             w_train = balanced_weights(y[train], num_classes)
@@ -153,12 +170,17 @@ def fit_personal_head(
             for i in order:
                 solution = fit_logistic(z[train], y[train], num_classes, grid[i], w_train, start=solution,
                                         tolerance=1e-5, max_iter=100)
-                ce = F.cross_entropy(z[validation] @ solution[0].T + solution[1], y[validation], reduction="none")
+                logits = z[validation] @ solution[0].T + solution[1]
+                held_out[i, validation] = logits
+                ce = F.cross_entropy(logits, y[validation], reduction="none")
                 scores[i] += float((ce * w_val).sum() / w_val.sum()) / len(folds)
-        l2 = grid[min(range(len(grid)), key=lambda i: (scores[i], -grid[i]))]
+        chosen = min(range(len(grid)), key=lambda i: (scores[i], -grid[i]))
+        l2 = grid[chosen]
+        out_of_fold = held_out[chosen].float()
     else:
         l2 = 1.0 / len(y)  # scikit-learn's default C=1
     weight, bias = fit_logistic(z, y, num_classes, l2, balanced_weights(y, num_classes))
     if not math.isfinite(float(weight.abs().sum())):
         raise ValueError("the personal head did not converge (non-finite weights); check the site's features")
-    return PersonalHead(mean=mean, scale=scale, weight=weight, bias=bias, l2=l2, folds=len(folds))
+    head = PersonalHead(mean=mean, scale=scale, weight=weight, bias=bias, l2=l2, folds=len(folds))
+    return head, out_of_fold

@@ -79,8 +79,7 @@ class DecodedImageCache:
             except (OSError, ValueError, EOFError):
                 logger.debug("cache file %s is damaged; decoding again", target)
         self.misses += 1
-        fitted = self.preprocessing.fit(read_image(path, self.frame_policy))
-        quantised = np.round(np.clip(fitted, 0.0, 1.0) * QUANT).astype(np.uint16)
+        quantised = quantise(self.preprocessing.fit(read_image(path, self.frame_policy)))
         buffer = io.BytesIO()
         np.save(buffer, quantised, allow_pickle=False)
         atomic_write_bytes(target, buffer.getvalue())
@@ -109,6 +108,15 @@ class DecodedImageCache:
             return loaded if isinstance(loaded, dict) else {}
         except (OSError, ValueError):
             return {}
+
+
+def quantise(fitted: np.ndarray) -> np.ndarray:
+    """The geometry step's output as the cache stores it: uint16, steps of 1/65535.
+
+    ``quantise(fitted).astype(np.float32) / QUANT`` is exactly what training reads, so prediction on a
+    new study (``client.inference.predict``) sees the same pixels as training did.
+    """
+    return np.round(np.clip(fitted, 0.0, 1.0) * QUANT).astype(np.uint16)
 
 
 def cache_size_bytes(cache_dir: str | Path) -> int:

@@ -26,6 +26,12 @@ column ``age`` is weakly correlated with the label (about +8 years for a finding
 :func:`generate_public_source` writes a larger PNG dataset of a related 4-class task
 (disc, ring, square, stripes) to pretrain a backbone on: the stand-in for ImageNet.
 
+Every site folder also holds ``lesions.csv`` (``path,center_row,center_col,radius_rows,radius_cols``):
+where each finding image's lesion is, in pixels of the stored matrix (an ellipse of twice the ring's
+width, where its contrast has fallen below a fifth of its peak). It is the ground truth that saliency
+maps are checked against (the pointing game, ``client.inference.saliency``); writing it draws no random
+number, so the images of a seed are the same with or without it.
+
 Everything is deterministic in ``seed``: the same seed gives byte-identical files.
 """
 
@@ -56,6 +62,11 @@ CLASS_NAMES: tuple[str, ...] = ("normal", "finding")
 PUBLIC_CLASS_NAMES: tuple[str, ...] = ("disc", "ring", "square", "stripes")
 CLINICAL_FEATURES: tuple[str, ...] = ("age",)
 DEFAULT_SITE_SIZES: tuple[int, ...] = (400, 120, 60, 40)
+LESIONS_FILE = "lesions.csv"
+LESION_COLUMNS: tuple[str, ...] = ("path", "center_row", "center_col", "radius_rows", "radius_cols")
+LESION_EXTENT = 2.0
+"""The recorded lesion radius, in units of the ring's Gaussian width (its contrast is below 20% of its peak
+beyond it)."""
 STUDY_DATE = "20240115"
 
 _SOP_CLASS = {
@@ -180,23 +191,44 @@ def _write_site(
 
     (folder / "images").mkdir(parents=True, exist_ok=True)
     records: list[list[str]] = []
+    lesions: list[list[str]] = []
     header = ["path", "label", "patient_id"] + (list(CLINICAL_FEATURES) if with_clinical else [])
     for patient, (count, label) in enumerate(zip(counts, labels, strict=True)):
         patient_id = f"S{site}-P{patient:04d}"
         age = int(np.clip(round(rng.normal(52 + 8 * label, 14)), 18, 95))
         anatomy = _PatientAnatomy.draw(rng, rows, cols, bool(label))
         for view in range(count):
-            signal = anatomy.render(rng, rows, cols)
+            signal, lesion = anatomy.render_view(rng, rows, cols)
             stored = _acquire(signal, profile, rng)
             relative = f"images/{patient_id}_{view}.dcm"
             _write_dicom(folder / relative, stored, profile, seed, site, patient, view, patient_id, age, label)
             records.append([relative, CLASS_NAMES[label], patient_id] + ([str(age)] if with_clinical else []))
+            if lesion is not None:
+                lesions.append([relative, *(f"{value:.3f}" for value in lesion.in_pixels(rows, cols))])
     manifest = folder / "manifest.csv"
     with manifest.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         writer.writerows(records)
+    with (folder / LESIONS_FILE).open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(LESION_COLUMNS)
+        writer.writerows(lesions)
     return manifest
+
+
+@dataclass(frozen=True)
+class LesionPlace:
+    """Where one view's lesion is: centre (y, x) and the ring's width ``r``, as fractions of the matrix."""
+
+    center_y: float
+    center_x: float
+    width: float
+
+    def in_pixels(self, rows: int, cols: int) -> tuple[float, float, float, float]:
+        """``(center_row, center_col, radius_rows, radius_cols)`` in pixels of a (rows, cols) matrix."""
+        radius = LESION_EXTENT * self.width
+        return self.center_y * rows, self.center_x * cols, radius * rows, radius * cols
 
 
 @dataclass(frozen=True)
@@ -222,6 +254,10 @@ class _PatientAnatomy:
 
     def render(self, rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
         """One view of the patient: [0, 1] signal, (rows, cols) float64."""
+        return self.render_view(rng, rows, cols)[0]
+
+    def render_view(self, rng: np.random.Generator, rows: int, cols: int) -> tuple[np.ndarray, LesionPlace | None]:
+        """One view of the patient and where its lesion is (``None`` without a finding)."""
         yy, xx = np.mgrid[0:rows, 0:cols]
         y, x = yy / rows, xx / cols
         cy, cx, ry, rx = self.body
@@ -236,13 +272,15 @@ class _PatientAnatomy:
             by, bx = cy + rng.normal(0, 0.18), cx + rng.normal(0, 0.18)
             r = rng.uniform(0.08, 0.14)
             signal += rng.uniform(0.05, 0.10) * np.exp(-((y - by) ** 2 + (x - bx) ** 2) / (2 * r * r))
+        place = None
         if self.lesion is not None:
             ly, lx, r, amplitude = self.lesion
             ly, lx = ly + rng.normal(0, 0.02), lx + rng.normal(0, 0.02)
             d2 = (y - ly) ** 2 + (x - lx) ** 2
             ring = np.exp(-d2 / (2 * r * r)) - 0.6 * np.exp(-d2 / (2 * (0.45 * r) ** 2))
             signal += amplitude * rng.uniform(0.8, 1.2) * ring / 0.6
-        return np.clip(signal, 0.0, 1.0)
+            place = LesionPlace(float(ly), float(lx), float(r))
+        return np.clip(signal, 0.0, 1.0), place
 
 
 def _acquire(signal: np.ndarray, profile: ScannerProfile, rng: np.random.Generator) -> np.ndarray:

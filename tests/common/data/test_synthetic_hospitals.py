@@ -16,6 +16,7 @@ from common.data.site_dataset import load_site_dataset
 from common.data.site_manifest import load_manifest
 from common.data.synthetic_hospitals import (
     CLASS_NAMES,
+    LESIONS_FILE,
     PUBLIC_CLASS_NAMES,
     _PatientAnatomy,
     default_site_sizes,
@@ -115,6 +116,33 @@ def test_finding_is_a_subtle_local_lesion() -> None:
     difference = np.abs(with_lesion - without)
     assert 0.05 < difference.max() < 0.3  # subtle: well below the body's contrast
     assert (difference > 0.02).mean() < 0.20  # and local (a fifth of the image at most)
+
+
+def test_every_finding_image_has_its_lesion_recorded_and_no_other_image_does(federation: list[Path]) -> None:
+    for manifest in federation:
+        with (manifest.parent / LESIONS_FILE).open(newline="") as handle:
+            lesions = {row["path"]: row for row in csv.DictReader(handle)}
+        assert set(lesions) == {row["path"] for row in _rows(manifest) if row["label"] == "finding"}
+
+
+def test_the_recorded_lesion_is_where_the_lesion_was_drawn() -> None:
+    anatomy = _PatientAnatomy.draw(np.random.default_rng(2), 48, 40, finding=True)
+    with_lesion, place = anatomy.render_view(np.random.default_rng(1), 48, 40)
+    without = replace(anatomy, lesion=None).render(np.random.default_rng(1), 48, 40)
+    assert place is not None
+    row, col, radius_rows, radius_cols = place.in_pixels(48, 40)
+    yy, xx = np.mgrid[0:48, 0:40]
+    inside = ((yy - row) / radius_rows) ** 2 + ((xx - col) / radius_cols) ** 2 <= 1.0
+    difference = np.abs(with_lesion - without)
+    assert inside[np.unravel_index(difference.argmax(), difference.shape)]
+    assert difference[~inside].max() < 0.25 * difference.max()  # the ellipse holds the lesion's contrast
+
+
+def test_recording_lesions_draws_nothing_from_the_generator() -> None:
+    anatomy = _PatientAnatomy.draw(np.random.default_rng(2), 32, 32, finding=True)
+    first, second = np.random.default_rng(7), np.random.default_rng(7)
+    assert np.array_equal(anatomy.render(first, 32, 32), anatomy.render_view(second, 32, 32)[0])
+    assert first.random() == second.random()
 
 
 def test_default_site_sizes_differ_about_tenfold() -> None:
