@@ -42,6 +42,7 @@ class PrivacyStatus:
     spent_epsilon: float | None = None
     remaining_epsilon: float | None = None
     delta: float | None = None
+    unit: str | None = None
     error: str | None = None
 
 
@@ -127,7 +128,8 @@ def privacy_status(state_dir: Path) -> PrivacyStatus:
             spent = float(ledger.spent_epsilon())
             target = float(ledger.target_epsilon)
             delta = float(ledger.delta)
-        return PrivacyStatus(target, spent, max(target - spent, 0.0), delta)
+            unit = ledger.unit
+        return PrivacyStatus(target, spent, max(target - spent, 0.0), delta, unit)
     except Exception as exc:  # noqa: BLE001 - the health report must survive any ledger problem
         target = _target_from_raw(path)
         return PrivacyStatus(target_epsilon=target, error=f"{type(exc).__name__}: {exc}")
@@ -189,7 +191,7 @@ def render(health: SiteHealth) -> str:
     if p.spent_epsilon is not None and p.target_epsilon is not None:
         lines.append(
             f"privacy budget  epsilon spent {p.spent_epsilon:.3f} of {p.target_epsilon:.3f}, "
-            f"{p.remaining_epsilon:.3f} left (delta {p.delta:.3g})"
+            f"{p.remaining_epsilon:.3f} left (delta {p.delta:.3g}; unit: one {p.unit or 'image'})"
         )
     else:
         target = f"target epsilon {p.target_epsilon}; " if p.target_epsilon is not None else ""

@@ -254,10 +254,13 @@ def summarize(rounds: list[Mapping[str, Any]]) -> dict[str, Any]:
         default=None,
     )
     final_epsilon: dict[str, float] = {}
+    delta: dict[str, float] = {}
     for record in rounds:
         for site, entry in record["sites"].items():
             if isinstance(entry.get("epsilon"), (int, float)):
                 final_epsilon[site] = max(final_epsilon.get(site, 0.0), entry["epsilon"])
+            if isinstance(entry.get("delta"), (int, float)) and entry["delta"] > 0:
+                delta[site] = float(entry["delta"])
     return {
         "rounds_completed": len(rounds),
         "last_round": rounds[-1]["round"],
@@ -269,6 +272,8 @@ def summarize(rounds: list[Mapping[str, Any]]) -> dict[str, Any]:
         "best_round": best["round"] if best else None,
         "epsilon_by_site": final_epsilon,
         "max_epsilon": max(final_epsilon.values()) if final_epsilon else None,
+        "delta_by_site": delta,
+        "max_delta": max(delta.values()) if delta else None,
     }
 
 

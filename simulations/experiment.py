@@ -146,8 +146,8 @@ def _run_one_seed(plan: SimulationPlan, sites: dict[int, SiteSettings], *, basel
         if name in per_variant:
             summary[name] = mean_balanced_accuracy(_snake(per_variant[name]))
     summary.update(_targets(summary))
-    summary["privacy"] = {"unit": "image", "target_epsilon": plan.config.privacy.target_epsilon,
-                          "enabled": plan.config.privacy.enabled}
+    summary["privacy"] = {"unit": plan.config.privacy.unit, "target_epsilon": plan.config.privacy.target_epsilon,
+                          "max_delta": summary.get("max_delta"), "enabled": plan.config.privacy.enabled}
     if sweep:
         summary["privacy_utility"] = sweep
     metrics["summary"] = summary
@@ -237,13 +237,20 @@ def format_table(metrics: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _format_delta(delta: Any) -> str:
+    return f"{delta:.3g}" if isinstance(delta, (int, float)) else "(not reported)"
+
+
 def format_report(metrics: Mapping[str, Any], plots: list[Path]) -> str:
     config = metrics.get("config", {})
     summary = metrics.get("summary", {})
     backbone = metrics.get("backbone", {})
     privacy = config.get("privacy", {})
+    unit = ("one patient (all of a patient's images)" if privacy.get("unit", "image") == "patient"
+            else "one image (a patient with k images: about k x epsilon)")
     dp = (f"DP on: target epsilon {privacy.get('target_epsilon')} per site for the whole federation, "
-          "one image as the unit of privacy" if privacy.get("enabled") else "DP off")
+          f"unit of privacy {unit}, delta at most {_format_delta(summary.get('max_delta'))}"
+          if privacy.get("enabled") else "DP off")
     lines = [
         f"# fedtl report: {config.get('name', 'run')}",
         "",

@@ -18,7 +18,7 @@ from client.site_health import check_site, main, render
 def _ledger_with_a_reserved_round(state_dir: Path) -> Path:
     path = state_dir / "ledger.json"
     ledger = PrivacyLedger.load_or_create(
-        path, target_epsilon=8.0, delta=1e-4, sample_rate=0.05, planned_steps=200
+        path, target_epsilon=8.0, delta=1e-4, sample_rate=0.05, planned_steps=200, unit="patient"
     )
     ledger.reserve(40)  # a round in progress: its steps count as spent
     return path
@@ -70,6 +70,8 @@ def test_privacy_budget_is_read_from_the_ledger_without_rewriting_it(tmp_path: P
     assert privacy.target_epsilon == pytest.approx(8.0)
     assert 0 < privacy.spent_epsilon < 8.0
     assert privacy.remaining_epsilon == pytest.approx(8.0 - privacy.spent_epsilon)
+    assert (privacy.delta, privacy.unit) == (pytest.approx(1e-4), "patient")
+    assert "(delta 0.0001; unit: one patient)" in render(check_site(tmp_path))
     assert ledger_path.read_bytes() == before
 
 

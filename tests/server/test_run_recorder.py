@@ -127,6 +127,8 @@ def test_summary_reports_the_best_round_and_each_sites_epsilon(tmp_path: Path) -
     assert summary["best_balanced_accuracy"] == pytest.approx(0.75)
     assert summary["epsilon_by_site"]["site-1"] == pytest.approx(1.0)
     assert summary["epsilon_by_site"]["site-3"] == pytest.approx(8.0)
+    assert summary["max_delta"] == pytest.approx(1e-5)  # every site's delta, as the sites reported it
+    assert set(summary["delta_by_site"]) >= {"site-3"}
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

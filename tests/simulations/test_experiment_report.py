@@ -54,5 +54,13 @@ def test_the_table_shows_each_sites_interval_and_the_spread_over_seeds() -> None
     assert "0.800 [0.60, 0.95]" in federated
     assert "over 3 seeds: 0.880 ± 0.020" in federated
     report = format_report({**METRICS, "summary": {**METRICS["summary"], **_targets(METRICS["summary"])}}, [])
-    assert "one image as the unit of privacy" in report
+    assert "unit of privacy one image" in report  # the configuration above predates the patient unit
     assert "+0.050 against it, 50% of the way to the pooled ceiling" in report
+
+
+def test_the_report_states_the_unit_epsilon_and_delta_of_the_privacy_guarantee() -> None:
+    config = {"name": "t", "privacy": {"enabled": True, "target_epsilon": 3.0, "unit": "patient"}}
+    report = format_report({**METRICS, "config": config, "summary": {**METRICS["summary"], "max_delta": 8.1e-6}}, [])
+    assert "target epsilon 3.0 per site" in report
+    assert "unit of privacy one patient (all of a patient's images)" in report
+    assert "delta at most 8.1e-06" in report

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import json
 import subprocess
 import sys
@@ -191,6 +193,7 @@ def test_a_round_that_died_mid_way_counts_its_reserved_steps_as_spent(tmp_path: 
         ({"sample_rate": 1 / 2}, "sample rate"),
         ({"accountant": "prv"}, "accountant"),
         ({"target_epsilon": EPSILON * 2}, "can not be raised"),
+        ({"unit": "patient"}, "unit can not change"),
     ],
 )
 def test_incompatible_plan_change_is_refused_and_never_resets_the_budget(
@@ -242,3 +245,15 @@ def test_prv_accountant_is_supported(tmp_path: Path) -> None:
     ledger = PrivacyLedger.load_or_create(tmp_path / "ledger.json", **plan)
     assert ledger.accountant().mechanism() == "prv"
     assert 0 < ledger.projected_epsilon(plan["planned_steps"]) <= EPSILON + 0.05
+
+
+def test_a_ledger_written_before_the_patient_unit_existed_reads_as_image_level(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    PrivacyLedger.load_or_create(path, **_plan())
+    document = json.loads(path.read_text())
+    del document["ledger"]["plan"]["unit"]
+    document["checksum"] = hashlib.sha256(
+        json.dumps(document["ledger"], sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    path.write_text(json.dumps(document))
+
+    assert PrivacyLedger.load(path).unit == "image"
