@@ -44,6 +44,7 @@ class PrivacyStatus:
     delta: float | None = None
     unit: str | None = None
     error: str | None = None
+    warning: str | None = None
 
 
 @dataclass
@@ -129,10 +130,26 @@ def privacy_status(state_dir: Path) -> PrivacyStatus:
             target = float(ledger.target_epsilon)
             delta = float(ledger.delta)
             unit = ledger.unit
-        return PrivacyStatus(target, spent, max(target - spent, 0.0), delta, unit)
+        return PrivacyStatus(target, spent, max(target - spent, 0.0), delta, unit, warning=_reset_warning(state_dir, spent))
     except Exception as exc:  # noqa: BLE001 - the health report must survive any ledger problem
         target = _target_from_raw(path)
         return PrivacyStatus(target_epsilon=target, error=f"{type(exc).__name__}: {exc}")
+
+
+def _reset_warning(state_dir: Path, spent: float) -> str | None:
+    """A ledger that has spent less than the site's own round records say it did was reset."""
+    from client.site_state import SiteState
+
+    try:
+        recorded = [float(entry["epsilon"]) for entry in SiteState(state_dir).round_history()
+                    if isinstance(entry.get("epsilon"), (int, float))]
+    except Exception:  # noqa: BLE001 - a damaged rounds.json is the state check's to report
+        return None
+    if recorded and spent < max(recorded) * (1 - 1e-6) - 1e-6:
+        return (f"the ledger has spent epsilon {spent:.3f}, but this site's rounds.json records {max(recorded):.3f}: "
+                "ledger.json was reset or replaced. The coordinator excludes this site's updates until the "
+                "original ledger is restored from a backup")
+    return None
 
 
 def _target_from_raw(path: Path) -> float | None:
@@ -193,6 +210,8 @@ def render(health: SiteHealth) -> str:
             f"privacy budget  epsilon spent {p.spent_epsilon:.3f} of {p.target_epsilon:.3f}, "
             f"{p.remaining_epsilon:.3f} left (delta {p.delta:.3g}; unit: one {p.unit or 'image'})"
         )
+        if p.warning:
+            lines.append(f"  WARNING       {p.warning}")
     else:
         target = f"target epsilon {p.target_epsilon}; " if p.target_epsilon is not None else ""
         lines.append(f"privacy budget  {target}{p.error}")

@@ -28,6 +28,7 @@ from common.config import FederationConfig
 from common.wire.update_encoding import EncodedUpdate, UpdateEncodingError, decode_update
 from server.strategies import Update, make_aggregator
 from server.backbone_source import PreparedBackbone
+from server.budget_watch import BudgetWatch
 from server.checkpoints import latest_checkpoint, save_checkpoint
 from common.wire.global_sync import downlink_records
 from server.global_broadcast import GlobalBroadcast
@@ -84,6 +85,7 @@ def run_federation(grid: Grid, config: FederationConfig, backbone: PreparedBackb
     recorder = RunRecorder(run_dir, config=json.loads(config.to_json()), backbone=backbone.describe(),
                            resume_after_round=first_round - 1 if resume else None)
     names = SiteNames()
+    budgets = BudgetWatch(config.privacy.target_epsilon, recorder.rounds) if config.privacy.enabled else None
     for server_round in range(first_round, config.training.rounds + 1):
         recorder.begin_round(server_round)
         traffic = RoundTraffic()
@@ -110,6 +112,11 @@ def run_federation(grid: Grid, config: FederationConfig, backbone: PreparedBackb
                     ), global_shared)
                 except UpdateEncodingError as exc:
                     _drop(recorder, server_round, site, f"update cannot be decoded: {exc}")
+                    continue
+                budget_problem = budgets.check(site, outcome.metrics["epsilon"]) if budgets is not None else None
+                if budget_problem is not None:
+                    recorder.record_train(server_round, site, "ok", outcome.metrics)
+                    _drop(recorder, server_round, site, budget_problem)
                     continue
                 updates[node] = (weights, outcome.num_examples)
                 recorder.record_train(server_round, site, "ok", outcome.metrics)

@@ -99,3 +99,15 @@ def test_health_is_reachable_through_the_hospital_command(tmp_path: Path) -> Non
 
     assert result.returncode == 1
     assert json.loads(result.stdout)["connected"] is False
+
+
+def test_a_ledger_that_spent_less_than_the_sites_own_round_records_is_reported_as_reset(tmp_path: Path) -> None:
+    from client.site_state import SiteState
+
+    SiteState(tmp_path).record_round(1, "ok", epsilon=5.0, delta=1e-4, num_examples=10, steps=4)
+    _ledger_with_a_reserved_round(tmp_path)  # a fresh ledger: it spent far less than 5.0
+
+    health = check_site(tmp_path)
+
+    assert health.privacy.warning is not None and "reset" in health.privacy.warning
+    assert "WARNING" in render(health) and "records 5.000" in render(health)
