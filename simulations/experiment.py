@@ -35,6 +35,7 @@ from simulations.baselines import (
 from client.site_settings import SiteSettings
 from simulations.simulate import SimulationPlan, run_federated
 from simulations.site_sources import describe_sites, resolve_sites
+from simulations.site_use_report import format_site_use, site_use_section
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +154,7 @@ def _run_one_seed(plan: SimulationPlan, sites: dict[int, SiteSettings], *, basel
     metrics["summary"] = summary
     metrics["per_site_final"] = {name: _snake(rows) for name, rows in per_variant.items()}
     metrics["sites"] = describe_sites(plan)
+    metrics["site_use"] = site_use_section(plan.run_dir, sites)  # each site's operating point and saliency
     _write(plan, metrics)
     return metrics
 
@@ -281,7 +283,7 @@ def format_report(metrics: Mapping[str, Any], plots: list[Path]) -> str:
         shown = ", ".join(f"{'DP off' if p['epsilon'] is None else 'epsilon ' + format(p['epsilon'], 'g')}: "
                           f"{p['mean']:.3f}" for p in sweep if isinstance(p.get("mean"), (int, float)))
         lines.append(f"- privacy-utility (federated personal models, mean): {shown}")
-    lines += ["", "Plots: " + ", ".join(p.name for p in plots), ""]
+    lines += ["", *format_site_use(metrics), "Plots: " + ", ".join(p.name for p in plots), ""]
     return "\n".join(lines)
 
 
