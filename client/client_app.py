@@ -101,8 +101,9 @@ def make_client_app(directory: SiteDirectory | None = None) -> ClientApp:
             return ready
         session, version_id, reference = ready
         outcome = session.run_round(server_round, float(config_record[wc.CONFIG_PROXIMAL_MU]))
-        metrics = {wc.NUM_EXAMPLES: outcome.num_examples, "train-loss": outcome.train_loss,
-                   "epsilon": outcome.epsilon, "delta": outcome.delta}
+        metrics = {wc.NUM_EXAMPLES: outcome.num_examples, "epsilon": outcome.epsilon, "delta": outcome.delta}
+        if not session.config.privacy.enabled:  # under DP the loss would be an unprotected statistic
+            metrics[wc.TRAIN_LOSS] = outcome.train_loss
         if outcome.shared is None:
             return _reply(msg, settings, outcome.status, global_id=version_id, metrics=metrics)
         encoded = encode_update(outcome.shared, reference, str(config_record[wc.CONFIG_ENCODING]))
@@ -121,7 +122,7 @@ def make_client_app(directory: SiteDirectory | None = None) -> ClientApp:
         if isinstance(ready, Message):
             return ready
         session, version_id, _weights = ready
-        metrics = session.evaluate(version_id)
+        metrics = disclosed_evaluation(session.evaluate(version_id), settings.evaluation_metrics)
         privacy = {"epsilon": 0.0, "delta": 0.0}
         if session.config.privacy.enabled and session.state.ledger_path.exists():
             ledger = session.privacy_ledger()
@@ -129,6 +130,20 @@ def make_client_app(directory: SiteDirectory | None = None) -> ClientApp:
         return _reply(msg, settings, wc.STATUS_OK, global_id=version_id, metrics={**metrics, **privacy})
 
     return app
+
+
+def disclosed_evaluation(metrics: dict[str, float], setting: str) -> dict[str, float]:
+    """The test results as the site chose to disclose them (``evaluation-metrics``): exact, rounded or none.
+
+    ``num-examples`` always goes (the coordinator weights means by it); see
+    ``common.wire_contract.OUTBOUND_FIELDS`` for what each field reveals.
+    """
+    if setting == wc.EVALUATION_METRICS_NONE:
+        return {wc.NUM_EXAMPLES: metrics[wc.NUM_EXAMPLES]}
+    if setting == wc.EVALUATION_METRICS_ROUNDED:
+        return {key: value if key == wc.NUM_EXAMPLES else round(value, wc.EVALUATION_METRICS_DECIMALS)
+                for key, value in metrics.items()}
+    return metrics
 
 
 def _ready_session(

@@ -34,6 +34,7 @@ from pathlib import Path
 from common.daemon_setup import FlowerNotInstalled, configure_logging, flower_executable
 from common.data.memory_budget import STORAGE_CHOICES
 from client.supernode_record import DAEMON_RECORD
+from common.wire_contract import EVALUATION_METRICS_SETTINGS
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ class HospitalSettings:
     device : ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
     storage : ``auto``, ``memory`` or ``disk``: where the site's decoded images and trunk features
         live while it trains (``disk``: memory-mapped files in the state dir).
+    evaluation_metrics : how the site's test results leave it: ``exact``, ``rounded`` or ``none``
+        (see ``common.wire_contract.OUTBOUND_FIELDS``).
     runtime_port : loopback port of the SuperNode's Runtime API; must differ between sites that
         share a machine; ``0`` picks a free one at start.
     max_retries / max_wait_time : reconnection limits; ``None`` retries forever (Flower's default).
@@ -71,6 +74,7 @@ class HospitalSettings:
     site_name: str
     device: str = "auto"
     storage: str = "auto"
+    evaluation_metrics: str = "exact"
     runtime_port: int = DEFAULT_RUNTIME_PORT
     max_retries: int | None = None
     max_wait_time: float | None = None
@@ -129,6 +133,7 @@ def node_config_toml(settings: HospitalSettings) -> str:
         "site-name": settings.site_name,
         "device": settings.device,
         "storage": settings.storage,
+        "evaluation-metrics": settings.evaluation_metrics,
     }
     # A JSON string literal is a valid TOML basic string (same escapes).
     return "".join(f'"{key}" = {json.dumps(value)}\n' for key, value in values.items())
@@ -242,6 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
         "files in the state dir) or 'auto' (disk when they would take over a quarter of the free memory)",
     )
     parser.add_argument(
+        "--evaluation-metrics",
+        default="exact",
+        choices=EVALUATION_METRICS_SETTINGS,
+        help="how this site's test results are sent to the coordinator: 'exact', 'rounded' (2 decimals) or "
+        "'none' (only the number of test images; the coordinator's report then has no figures for this site)",
+    )
+    parser.add_argument(
         "--runtime-port",
         type=int,
         default=DEFAULT_RUNTIME_PORT,
@@ -279,6 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         site_name=args.site_name,
         device=args.device,
         storage=args.storage,
+        evaluation_metrics=args.evaluation_metrics,
         runtime_port=args.runtime_port,
         max_retries=args.max_retries,
         max_wait_time=args.max_wait_time,

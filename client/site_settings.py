@@ -17,6 +17,7 @@ from typing import Mapping
 import torch
 
 from common.data.memory_budget import Storage, check_storage
+from common.wire_contract import EVALUATION_METRICS_DECIMALS, EVALUATION_METRICS_SETTINGS
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class SiteSettings:
     features_cache_dir: Path | None = None  # default: <state_dir>/features; safe to share (keyed by backbone,
     # preprocessing, cut point, image content and split)
     storage: Storage = "auto"  # images and trunk features in RAM, or memory-mapped on disk (common.data.memory_budget)
+    evaluation_metrics: str = "exact"  # how test results leave the site: exact, rounded or none (wire_contract)
 
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)
@@ -63,6 +65,7 @@ def settings_from_node_config(
             state_dir=Path(str(node_config["state-dir"])),
             device=str(node_config.get("device", "auto")),
             storage=_storage_setting(node_config.get("storage", "auto")),
+            evaluation_metrics=_evaluation_metrics_setting(node_config.get("evaluation-metrics", "exact")),
         )
     if "partition-id" in node_config and directory is not None:
         partition = int(node_config["partition-id"])  # type: ignore[arg-type]
@@ -72,6 +75,15 @@ def settings_from_node_config(
     raise SiteSettingsError(
         "this SuperNode has no fedtl site settings: pass --node-config with manifest, state-dir and site-name"
     )
+
+
+def _evaluation_metrics_setting(value: object) -> str:
+    if str(value) not in EVALUATION_METRICS_SETTINGS:
+        raise SiteSettingsError(
+            f"node config 'evaluation-metrics' is {str(value)[:40]!r}; use 'exact' (test results as computed), "
+            f"'rounded' (to {EVALUATION_METRICS_DECIMALS} decimals) or 'none' (only the number of test images)"
+        )
+    return str(value)
 
 
 def _storage_setting(value: object) -> Storage:

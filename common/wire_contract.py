@@ -12,10 +12,12 @@ Coordinator -> site
   query      : (backbone install) ArrayRecord BACKBONE (frozen + initial shared tensors), ConfigRecord CONFIG
                (CONFIG_FINGERPRINT, CONFIG_NORMALIZATION_MEAN, CONFIG_NORMALIZATION_STD, CONFIG_BACKBONE_SOURCE)
 
-Site -> coordinator
+Site -> coordinator (every field with its privacy status in OUTBOUND_FIELDS)
   train      : ArrayRecord SHARED (trained shared layers, maybe encoded), optional ArrayRecord SHARED_SCALE
-               (int8 encoding only), MetricRecord METRICS (TRAIN_METRIC_KEYS), ConfigRecord STATUS
-  evaluate   : MetricRecord METRICS (EVALUATE_METRIC_KEYS), ConfigRecord STATUS
+               (int8 encoding only), MetricRecord METRICS (TRAIN_METRIC_KEYS, plus TRAIN_LOSS without DP),
+               ConfigRecord STATUS
+  evaluate   : MetricRecord METRICS (EVALUATE_REQUIRED_KEYS, plus all of EVALUATION_RESULT_KEYS unless the
+               site's evaluation-metrics setting is "none"), ConfigRecord STATUS
   query      : ConfigRecord STATUS
   every reply's STATUS may carry STATUS_GLOBAL_ID: the id of the coordinator's global layers the
   site holds (a SHA-256 of tensors the coordinator itself sent; nothing about the site's data)
@@ -71,20 +73,49 @@ STATUS_GLOBAL_ID: Final = "global-id"  # the global layers the site holds after 
 
 # METRICS keys
 NUM_EXAMPLES: Final = "num-examples"
-TRAIN_METRIC_KEYS: Final = frozenset({NUM_EXAMPLES, "train-loss", "epsilon", "delta"})
-EVALUATE_METRIC_KEYS: Final = frozenset(
-    {
-        NUM_EXAMPLES,
-        "loss",
-        "accuracy",
-        "balanced-accuracy",
-        "auc",
-        "sensitivity",
-        "specificity",
-        "epsilon",
-        "delta",
-    }
+TRAIN_LOSS: Final = "train-loss"
+BUDGET_METRIC_KEYS: Final = frozenset({"epsilon", "delta"})
+TRAIN_METRIC_KEYS: Final = frozenset({NUM_EXAMPLES, *BUDGET_METRIC_KEYS})  # every train reply
+TRAIN_METRIC_OPTIONAL_KEYS: Final = frozenset({TRAIN_LOSS})  # only when the federation trains without DP
+EVALUATION_RESULT_KEYS: Final = frozenset(
+    {"loss", "accuracy", "balanced-accuracy", "auc", "sensitivity", "specificity"}
 )
+EVALUATE_REQUIRED_KEYS: Final = frozenset({NUM_EXAMPLES, *BUDGET_METRIC_KEYS})
+EVALUATE_METRIC_KEYS: Final = EVALUATE_REQUIRED_KEYS | EVALUATION_RESULT_KEYS  # all or none of the results
+
+# A site's choice (node config ``evaluation-metrics``) of how its test results leave it.
+EVALUATION_METRICS_EXACT: Final = "exact"
+EVALUATION_METRICS_ROUNDED: Final = "rounded"  # to EVALUATION_METRICS_DECIMALS decimals
+EVALUATION_METRICS_NONE: Final = "none"  # no EVALUATION_RESULT_KEYS at all
+EVALUATION_METRICS_SETTINGS: Final = (EVALUATION_METRICS_EXACT, EVALUATION_METRICS_ROUNDED, EVALUATION_METRICS_NONE)
+EVALUATION_METRICS_DECIMALS: Final = 2
+
+# ---------------------------------------------------------------------------------------------
+# Every field a site sends, with its status: "dp" (covered by the site's DP guarantee, at the
+# unit of privacy.unit) or "exact" (not covered; declared here with what it reveals).
+DP: Final = "dp"
+EXACT: Final = "exact"
+OUTBOUND_FIELDS: Final[dict[str, tuple[str, str]]] = {
+    f"{SHARED}": (DP, "the trained shared layers; DP-SGD output (exact, and not private, when privacy.enabled "
+                      "is false)"),
+    f"{SHARED_SCALE}": (DP, "int8 scales of that update: post-processing of the DP output"),
+    f"{METRICS}.{NUM_EXAMPLES}": (EXACT, "number of training images (train reply; the aggregation weight) or of "
+                                         "test images (evaluate reply)"),
+    f"{METRICS}.epsilon": (EXACT, "cumulative epsilon spent: a function of the noise, the sample rate 1/ceil(n/B) "
+                                  "and the steps, so it reveals the training-set size to within a batch"),
+    f"{METRICS}.delta": (EXACT, "the site's delta: min(1e-5, 1/n^1.1) unless configured, so below 35 patients "
+                                "it reveals n"),
+    f"{METRICS}.{TRAIN_LOSS}": (EXACT, "mean training loss of the round; sent only when DP is off (under DP it "
+                                       "would be an unprotected statistic of the training data)"),
+    **{f"{METRICS}.{key}": (EXACT, "test-set result on the site's held-out patients, exact, rounded to "
+                                   f"{EVALUATION_METRICS_DECIMALS} decimals, or not sent, as the site chooses "
+                                   "(node config evaluation-metrics)")
+       for key in sorted(EVALUATION_RESULT_KEYS)},
+    f"{STATUS}.{STATUS_KEY}": (EXACT, "one of STATUS_VALUES: what the site did with the message"),
+    f"{STATUS}.{STATUS_FINGERPRINT}": (EXACT, "fingerprint of the backbone the site holds (the coordinator's own)"),
+    f"{STATUS}.{STATUS_SITE_NAME}": (EXACT, "the name the hospital's admin gave the node"),
+    f"{STATUS}.{STATUS_GLOBAL_ID}": (EXACT, "id of the coordinator's global layers the site holds"),
+}
 
 # Which records each reply may carry.
 TRAIN_REPLY_RECORDS: Final = frozenset({SHARED, SHARED_SCALE, METRICS, STATUS})

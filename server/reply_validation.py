@@ -198,10 +198,10 @@ def validate_train_reply(
         _check_record_names(content, wc.TRAIN_REPLY_RECORDS, "train")
         status = _read_status(content, expected_fingerprint)
         if status.value != wc.STATUS_OK:
-            return _not_trained(content, status, wc.TRAIN_METRIC_KEYS)
+            return _not_trained(content, status, wc.TRAIN_METRIC_KEYS | wc.TRAIN_METRIC_OPTIONAL_KEYS)
         tensors = _read_shared(content, specs, encoding)
         scales = _read_scales(content, specs, encoding)
-        metrics = _read_metrics(content, wc.TRAIN_METRIC_KEYS, exact=True)
+        metrics = _read_metrics(content, wc.TRAIN_METRIC_KEYS, exact=True, optional=wc.TRAIN_METRIC_OPTIONAL_KEYS)
     except _Invalid as invalid:
         logger.info("train reply rejected: %s", invalid.rejection)
         return invalid.rejection
@@ -231,7 +231,8 @@ def validate_evaluate_message(
 def validate_evaluate_reply(
     content: RecordDict, expected_fingerprint: str | None = None
 ) -> EvaluateOutcome:
-    """Check an evaluate reply: STATUS plus, for "ok", METRICS with exactly EVALUATE_METRIC_KEYS.
+    """Check an evaluate reply: STATUS plus, for "ok", METRICS with EVALUATE_REQUIRED_KEYS and either
+    all of EVALUATION_RESULT_KEYS or none of them (a site whose ``evaluation-metrics`` is "none").
 
     Rates (accuracy, balanced-accuracy, auc, sensitivity, specificity) must lie in [0, 1]; they
     may be NaN when undefined on the site's test split (the recorder stores them as null).
@@ -241,7 +242,10 @@ def validate_evaluate_reply(
         status = _read_status(content, expected_fingerprint)
         if status.value != wc.STATUS_OK:
             return _not_trained(content, status, wc.EVALUATE_METRIC_KEYS)
-        metrics = _read_metrics(content, wc.EVALUATE_METRIC_KEYS, exact=True)
+        metrics = _read_metrics(content, wc.EVALUATE_REQUIRED_KEYS, exact=True, optional=wc.EVALUATION_RESULT_KEYS)
+        results = set(metrics) & wc.EVALUATION_RESULT_KEYS
+        if results and results != wc.EVALUATION_RESULT_KEYS:
+            _check_keys(wc.METRICS, set(metrics), set(wc.EVALUATE_METRIC_KEYS))  # all results or none
     except _Invalid as invalid:
         logger.info("evaluate reply rejected: %s", invalid.rejection)
         return invalid.rejection
@@ -483,11 +487,13 @@ def _decode_array(array: Array, where: str) -> np.ndarray:
     return decoded
 
 
-def _read_metrics(content: RecordDict, keys: frozenset[str], exact: bool) -> dict[str, float]:
+def _read_metrics(content: RecordDict, keys: frozenset[str], exact: bool,
+                  optional: frozenset[str] = frozenset()) -> dict[str, float]:
+    """The METRICS record's numbers; ``exact``: every one of ``keys``, plus any of ``optional``, nothing else."""
     record: MetricRecord = _record(content, wc.METRICS, MetricRecord)
     present = set(record.keys())
     if exact:
-        _check_keys(wc.METRICS, present, set(keys))
+        _check_keys(wc.METRICS, present, set(keys) | (present & optional))
     else:
         extra = sorted(present - keys)
         if extra:

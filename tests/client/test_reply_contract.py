@@ -212,3 +212,21 @@ def test_a_failure_at_the_site_is_answered_with_the_failed_status_and_no_excepti
             assert dict(reply.content[wc.STATUS]) == {wc.STATUS_KEY: wc.STATUS_FAILED, wc.STATUS_SITE_NAME: "east"}
             assert not any(canary in text for text in _strings_in(reply.content))
     assert canary in caplog.text, "the details belong in the site's own log"
+
+
+def test_a_site_chooses_how_its_test_results_leave_it() -> None:
+    from client.client_app import disclosed_evaluation
+
+    metrics = {wc.NUM_EXAMPLES: 12, "balanced-accuracy": 0.83333, "auc": 0.91666, "loss": 0.41234}
+
+    assert disclosed_evaluation(metrics, "exact") == metrics
+    assert disclosed_evaluation(metrics, "rounded") == {wc.NUM_EXAMPLES: 12, "balanced-accuracy": 0.83,
+                                                        "auc": 0.92, "loss": 0.41}
+    assert disclosed_evaluation(metrics, "none") == {wc.NUM_EXAMPLES: 12}
+
+
+def test_an_unknown_evaluation_metrics_setting_is_refused_with_the_choices() -> None:
+    from client.site_settings import SiteSettingsError, settings_from_node_config
+
+    with pytest.raises(SiteSettingsError, match="'exact'.*'rounded'.*'none'"):
+        settings_from_node_config({"manifest": "m.csv", "state-dir": "s", "evaluation-metrics": "all"})

@@ -291,6 +291,22 @@ def test_a_contract_following_evaluate_reply_is_valid() -> None:
     assert outcome.num_examples == 20 and outcome.metrics["balanced-accuracy"] == pytest.approx(0.75)
 
 
+def test_a_site_that_discloses_no_test_results_sends_only_counts_and_budget_and_is_valid() -> None:
+    outcome = validate_evaluate_reply(eval_reply(MetricRecord({wc.NUM_EXAMPLES: 20, "epsilon": 1.0, "delta": 1e-5})))
+    assert isinstance(outcome, ValidEvaluation)
+    assert set(outcome.metrics) == wc.EVALUATE_REQUIRED_KEYS
+
+
+def test_an_evaluate_reply_with_some_but_not_all_test_results_is_rejected() -> None:
+    partial = MetricRecord({wc.NUM_EXAMPLES: 20, "epsilon": 1.0, "delta": 1e-5, "balanced-accuracy": 0.7})
+    rejected(validate_evaluate_reply(eval_reply(partial)), wc.METRICS)
+
+
+def test_a_train_reply_without_the_loss_is_valid_as_sent_under_dp() -> None:
+    metrics = MetricRecord({wc.NUM_EXAMPLES: 40, "epsilon": 1.2, "delta": 1e-5})
+    assert isinstance(validate_train_reply(train_reply(metrics=metrics), GLOBAL, "fp32", FINGERPRINT), ValidReply)
+
+
 def test_an_undefined_auc_is_allowed_but_an_out_of_range_rate_is_not() -> None:
     assert isinstance(validate_evaluate_reply(eval_reply(eval_metrics(auc=math.nan))), ValidEvaluation)
     rejected(validate_evaluate_reply(eval_reply(eval_metrics(accuracy=1.5))), "accuracy")
