@@ -85,3 +85,11 @@ def test_without_a_manifest_a_partition_cuts_the_pooled_synthetic_hospitals(tmp_
     assert [s.site_name for s in sites.values()] == ["hospital-0", "hospital-1"]
     rows = [len(list(csv.DictReader(s.manifest.open()))) for s in sites.values()]
     assert sum(rows) == len(pooled)
+
+
+def test_the_shipped_dirichlet_demo_cuts_the_pooled_demo_hospitals_into_ten_skewed_sites() -> None:
+    config = FederationConfig.from_toml(Path(__file__).resolve().parents[2] / "simulations/configs/demo-dirichlet.toml")
+    demo = FederationConfig.from_toml(Path(__file__).resolve().parents[2] / "simulations/configs/demo.toml")
+    assert config.partition is not None and config.partition.manifest is None  # the synthetic hospitals, pooled
+    assert (config.partition.by, config.partition.num_sites, config.partition.alpha) == ("dirichlet", 10, 0.3)
+    assert config.model_copy(update={"name": demo.name, "partition": None}) == demo, "otherwise the demo's settings"
