@@ -23,6 +23,9 @@ One run measures, on the same model, the same synthetic data and the same DP set
   (``simulations.benchmarks.bench_coordinator``);
 * whole simulated rounds (Flower simulation on Ray) of 10, 25 and 50 hospitals, with a linear
   fit (``simulations.benchmarks.bench_site_scaling``);
+* ``fedtl-hospital predict`` throughput (images/s, DICOM to probabilities, and the model alone) on the
+  CPU at the demo's size and, when CUDA is available, on the GPU at 224 px
+  (``simulations.benchmarks.bench_predict``);
 * with ``--gpu-extra`` on CUDA: ResNet-50 at 224x224, top block + head, DP on, and its
   fraction of the non-private rate.
 
@@ -509,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--storage-images", type=int, default=4096,
                         help="site size of the feature-storage comparison, RAM against memory-mapped "
                              "(simulations.benchmarks.bench_feature_storage, about 45 s on 2 cores); 0 skips it")
+    parser.add_argument("--predict-images", type=int, default=256,
+                        help="DICOM files of the fedtl-hospital predict throughput run (simulations.benchmarks."
+                             "bench_predict: CPU at --image-size, and a GPU at 224 px when CUDA is available); 0 skips it")
     parser.add_argument("--no-profile", action="store_true", help="skip the DP step breakdown")
     parser.add_argument("--in-process", action="store_true",
                         help="run every mode in this process (fast; memory peaks overlap): for tests and debugging")
@@ -560,6 +566,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report["feature_storage"] = measure_feature_storage(
             args.storage_images, args.image_size, args.batch_size, in_process=args.in_process
         )
+    if args.predict_images > 0:
+        from simulations.benchmarks.bench_predict import measure as measure_predict
+
+        report["predict"] = measure_predict(args.predict_images, args.image_size, batch_size=32)
     if args.gpu_extra:
         if device.type == "cuda":
             report["gpu_extra"] = measure_gpu_extra(spec, args.repeats, args.in_process)
@@ -579,6 +589,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, report)
     print(format_table(report))
+    if "predict" in report:
+        from simulations.benchmarks.bench_predict import format_lines as predict_lines
+
+        print("\n" + "\n".join(predict_lines(report["predict"])))
     print(f"\nwrote {args.out} in {report['wall_seconds']:.0f} s")
     return report
 

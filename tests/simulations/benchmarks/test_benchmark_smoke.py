@@ -17,7 +17,7 @@ TINY = [
     "--image-size", "32", "--batch-size", "8", "--train-images", "16", "--timed-epochs", "1",
     "--plain-steps", "1", "--repeats", "1", "--threads", "1", "--coordinator-sites", "2", "3",
     "--coordinator-encoding", "int8", "--site-scaling-sites", "--storage-images", "64",
-    "--in-process",
+    "--in-process", "--predict-images", "6",
 ]
 
 
@@ -51,6 +51,19 @@ def test_every_training_mode_reports_positive_throughput_and_memory(report: tupl
     fedtl = data["training"]["fedtl_dp"]
     assert _positive(fedtl["trunk_seconds"]) and fedtl["trunk_boundary"] > 0
     assert _positive(data["summary"]["fedtl_dp_images_per_s_amortised"])
+
+
+def test_predict_throughput_is_measured_on_the_cpu_and_on_a_gpu_only_when_there_is_one(report: tuple[dict, Path]) -> None:
+    import torch
+
+    data, _ = report
+    cpu = data["predict"]["cpu"]
+    assert cpu["device"] == "cpu" and cpu["image_size"] == 32 and cpu["images"] == 6
+    assert _positive(cpu["end_to_end_images_per_s"]) and _positive(cpu["model_images_per_s"])
+    if torch.cuda.is_available():
+        assert data["predict"]["gpu"]["image_size"] == 224
+    else:
+        assert data["predict"]["gpu"] is None
 
 
 def test_dp_modes_share_the_noise_multiplier_the_ledger_plans(report: tuple[dict, Path]) -> None:
