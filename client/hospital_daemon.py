@@ -268,12 +268,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """``fedtl-hospital start ...`` (execs the SuperNode; returns only on a setup error (2) or with
     ``--print-command`` (0)), ``fedtl-hospital health ...`` (see :mod:`client.site_health`) or
-    ``fedtl-hospital predict|export ...`` (see :mod:`client.inference.commands`)."""
+    ``fedtl-hospital predict|export ...`` (see :mod:`client.inference.commands`) or
+    ``fedtl-hospital quality-report MANIFEST ...`` (see :mod:`common.data.data_quality`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["health"]:
         from client.site_health import main as health_main
 
         return health_main(argv[1:])
+    if argv[:1] == ["quality-report"]:  # local only, and light: no torch
+        from common.data.data_quality import main as quality_main
+
+        return quality_main(argv[1:])
     if argv[:1] in (["predict"], ["export"]):  # use the site's model (client.inference); nothing is sent
         from client.inference.commands import export_main, predict_main
 

@@ -124,6 +124,7 @@ class SiteSession:
             clinical_features=config.model.clinical_features,
             frame_policy=config.data.frame_policy,
             storage=settings.storage,
+            max_unreadable_share=config.data.max_unreadable_share,
         )
         if data.skipped:
             logger.warning("[%s] %d file(s) skipped as unreadable (see the data-quality report)",

@@ -14,8 +14,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 
 def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -> None:
     """Replace ``path`` with ``data``; ``mode`` sets the new file's permissions (default 0600 from mkstemp)."""
@@ -45,6 +43,8 @@ def atomic_write_json(path: str | Path, payload: Any) -> None:
 
 
 def atomic_torch_save(path: str | Path, obj: Any) -> None:
+    import torch  # here, not at the top: the light tools (quality-report, health) write JSON only
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())

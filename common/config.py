@@ -166,6 +166,10 @@ class DataConfig(_Section):
     test_fraction: float = Field(0.25, gt=0, lt=1)
     split_seed: int = 0
     frame_policy: Literal["middle", "first"] = "middle"
+    max_unreadable_share: float = Field(
+        0.1, ge=0, le=1, description="largest share of a site's manifest rows that may be missing or unreadable "
+        "(they are skipped); above it the site refuses to start and lists the rows"
+    )
     min_test_patients: int = Field(
         2, ge=1, description="a simulation refuses to start when a site has fewer test patients than this"
     )

@@ -13,7 +13,7 @@ coordinator: :func:`main` prints it to stdout (and optionally writes JSON), it d
 log it.
 
 CLI: ``python -m common.data.data_quality MANIFEST [--class-names a,b] [--json out.json]``
-(wired as ``fedtl-site quality-report MANIFEST``).
+(wired as ``fedtl-hospital quality-report MANIFEST``; it imports no torch).
 """
 
 from __future__ import annotations
@@ -113,9 +113,17 @@ def quality_report(
         "patients_with_mixed_labels": sum(1 for labels in labels_of_patient.values() if len(labels) > 1),
         "images_per_patient": _summary(list(Counter(manifest.patient_ids()).values())),
         "unreadable": unreadable,
+        "classes_checked": class_names is not None,
+        "rare_labels": [] if class_names is not None else _rare_labels(images_per_class),
         "histograms": {key: dict(sorted(counter.items())) for key, counter in sorted(histograms.items())},
         "local_only": True,
     }
+
+
+def _rare_labels(images_per_label: dict[str, int]) -> list[str]:
+    """Labels on a single row, or on under 5% of the most common label's rows: likely typos."""
+    largest = max(images_per_label.values(), default=0)
+    return [name for name, n in images_per_label.items() if n == 1 or n < 0.05 * largest]
 
 
 def _summary(values: list[int]) -> dict[str, float]:
@@ -137,6 +145,12 @@ def format_quality_report(report: dict[str, Any]) -> str:
             f"    {name:<20} {report['images_per_class'][name]:>7} {report['readable_images_per_class'][name]:>9}"
             f" {report['patients_per_class'][name]:>9}"
         )
+    if not report.get("classes_checked", True):
+        lines.append("  (labels NOT checked against the federation's classes: pass --class-names normal,finding "
+                     "to check them; every label found is listed above as written)")
+    for name in report.get("rare_labels", []):
+        count = report["images_per_class"][name]
+        lines.append(f"  label {name!r} is on only {count} row(s): a typo? fix those rows, or pass --class-names")
     ratio = report["class_imbalance_ratio"]
     lines.append(f"  class imbalance ratio (largest / smallest present class): {ratio:.2f}" if ratio else
                  "  class imbalance ratio: n/a")
@@ -161,7 +175,7 @@ def format_quality_report(report: dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fedtl-site quality-report",
+        prog="fedtl-hospital quality-report",
         description="Check a site's manifest and images; prints a local-only report.",
     )
     parser.add_argument("manifest", type=Path, help="the site's manifest CSV or class-folder root")

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from common.atomic_io import atomic_write_bytes, atomic_write_text
-from common.data.dicom_reader import READER_VERSION, FramePolicy, read_image
+from common.data.dicom_reader import READER_VERSION, FramePolicy, UnreadableImageError, read_image
 from common.data.image_preprocessing import Preprocessing
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,9 @@ class DecodedImageCache:
     def load(self, path: str | Path) -> np.ndarray:
         """The fitted image for `path`; raises UnreadableImageError if it cannot be decoded."""
         path = Path(path)
+        if not path.is_file():
+            raise UnreadableImageError(path, "file not found; fix its path in the manifest (paths are relative to "
+                                             "the manifest's folder) or delete the row")
         digest = self._content_hash(path)
         target = self.folder / digest[:2] / f"{digest}.npy"
         if target.is_file():

@@ -29,6 +29,7 @@ that a log filter can mask them if anything else leaks them.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -48,7 +49,7 @@ FramePolicy = Literal["middle", "first"]
 FRAME_POLICIES: tuple[str, ...] = ("middle", "first")
 
 # Bump when the decoded output of the same file could change (the decoded-image cache keys on it).
-READER_VERSION = "1"
+READER_VERSION = "2"  # 2: palette colour scaled by the LUT descriptor's bit depth
 
 PERCENTILE_WINDOW = (0.5, 99.5)
 PILLOW_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
@@ -245,8 +246,7 @@ def read_dicom_image(path: str | Path, frame_policy: FramePolicy = "middle") -> 
             raise UnreadableImageError(
                 path, f"its palette colour lookup table cannot be applied ({_describe(exc)})"
             ) from None
-        depth = 16 if rgb.dtype.itemsize > 1 else 8
-        return _finish(path, rgb.astype(np.float64) / (2**depth - 1))
+        return _finish(path, _palette_to_unit(ds, rgb))
 
     if frame.ndim == 3:  # RGB (YBR already converted by pydicom)
         bits = int(ds.BitsStored)
@@ -288,6 +288,26 @@ def read_pillow_image(path: str | Path) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _palette_to_unit(ds: Dataset, rgb: np.ndarray) -> np.ndarray:
+    """Palette colours scaled by the LUT's real bit depth (the descriptor's third value, 8 or 16).
+
+    8-bit entries are often stored in 16-bit words (OW), so the array's dtype says nothing about
+    their range; read with the wrong byte order, such an entry lands in the high byte (v * 256).
+    """
+    try:
+        nominal = int(ds.RedPaletteColorLookupTableDescriptor[2])
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        nominal = 8 * rgb.dtype.itemsize
+    nominal = nominal if nominal in (8, 16) else 8 * rgb.dtype.itemsize
+    top = float(2**nominal - 1)
+    values = rgb.astype(np.float64)
+    if values.size and values.max() > top and not np.any(rgb.astype(np.int64) % 256):
+        values = values / 256.0  # 8-bit entries in the high byte of their words
+    if values.size and values.max() > top:
+        top = float(2**16 - 1)  # the descriptor under-states the depth: trust the data's words
+    return values / top
 
 
 def _check_pixel_module(path: Path, ds: Dataset) -> None:
@@ -430,10 +450,34 @@ def _finish(path: Path, image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|b'[^']*'")
+
+
 def _describe(exc: BaseException) -> str:
-    """Exception type and a short, masked message (library messages carry no header values,
-    but mask anyway as defence in depth)."""
-    message = REGISTRY.mask(str(exc).splitlines()[0] if str(exc) else "")
-    if len(message) > 160:
-        message = message[:157] + "..."
+    """Exception type and the library's own reason, every line of it (pydicom puts each decoding
+    plugin's cause on a line of its own), with quoted values replaced: a library may quote the
+    header value it choked on. Identifying values are also masked, as defence in depth."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    message = REGISTRY.mask(_QUOTED.sub("<value>", "; ".join(lines)))
+    if len(message) > 400:
+        message = message[:397] + "..."
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+class _NoPluginTracebacks(logging.Filter):
+    """pydicom logs a full traceback for every decoding plugin that fails on a file, without the
+    file's name (``LOGGER.exception``); the reader's own error keeps each plugin's cause and names
+    the file, so those records are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.exc_info is None
+
+
+def _quiet_pydicom_plugin_failures() -> None:
+    # a filter applies to records of its own logger only, not to a child's: name the one that logs
+    plugin_logger = logging.getLogger("pydicom.pixels.decoders.base")
+    if not any(isinstance(f, _NoPluginTracebacks) for f in plugin_logger.filters):
+        plugin_logger.addFilter(_NoPluginTracebacks())
+
+
+_quiet_pydicom_plugin_failures()

@@ -26,9 +26,13 @@ from common.data.dicom_reader import FramePolicy, UnreadableImageError
 from common.data.image_preprocessing import Preprocessing
 from common.data.memory_budget import Storage, resolve_storage
 from common.data.row_files import scratch_rows
-from common.data.site_manifest import load_manifest
+from common.data.site_manifest import ManifestError, load_manifest
 
 logger = logging.getLogger(__name__)
+
+
+class TooManyUnreadableImages(ManifestError):
+    """More of a site's rows are missing or unreadable than the federation allows."""
 
 
 @dataclass
@@ -37,7 +41,7 @@ class SiteData:
 
     images: (N, C, S, S) float32, normalised (in memory, or memory-mapped: see the module docstring).
     labels: (N,) int64 class indices into ``class_names``.
-    clinical: (N, K) float32 clinical values (missing values filled with the site mean).
+    clinical: (N, K) float32 clinical values (a missing value is 0, never a statistic of the site's data).
     patient_ids: local patient ids (never logged, never sent; hidden from repr).
     skipped: (file as written in the manifest, reason) for every file that could not be read.
     """
@@ -88,6 +92,7 @@ def load_site_dataset(
     frame_policy: FramePolicy = "middle",
     show_progress: bool = True,
     storage: Storage = "memory",
+    max_unreadable_share: float = 1.0,
 ) -> SiteData:
     """Read every image of a site's manifest.
 
@@ -99,8 +104,11 @@ def load_site_dataset(
     frame_policy: which frame of multi-frame DICOM files ("middle" or "first").
     show_progress: draw a tqdm bar while decoding.
     storage: "memory", "disk" (a memory-mapped scratch file under ``cache_dir``) or "auto".
+    max_unreadable_share: the largest share of rows that may be missing or unreadable; above it
+        the site refuses to start (``TooManyUnreadableImages``, naming the rows).
 
-    Raises ManifestError for a wrong manifest; never raises for an unreadable image.
+    Raises ManifestError for a wrong manifest; an unreadable image is skipped (one log line with
+    its manifest row), never raised, unless there are more than ``max_unreadable_share`` of them.
     """
     manifest = load_manifest(manifest_path, class_names, clinical_features)
     cache = DecodedImageCache(cache_dir, preprocessing, frame_policy)
@@ -117,20 +125,29 @@ def load_site_dataset(
     bar = tqdm(manifest.entries, desc="decoding images", unit="img", disable=not show_progress, leave=False)
     for entry in bar:
         shown = manifest.display_path(entry)
+        row_label = f"row {entry.row} ({shown})" if entry.row else shown
         try:
             images[len(kept)] = preprocessing.normalise(cache.load(entry.path))
         except UnreadableImageError as exc:
             skipped.append((shown, exc.reason))
-            logger.warning("skipping %s: %s", shown, exc.reason)
+            logger.warning("skipping %s: %s", row_label, exc.reason)
             continue
         except Exception as exc:  # a bug in a decoder plugin must not stop the site
             reason = f"unexpected {type(exc).__name__} while reading; remove the file or report the problem"
             skipped.append((shown, reason))
-            logger.warning("skipping %s: %s", shown, reason)
+            logger.warning("skipping %s: %s", row_label, reason)
             continue
         kept.append(entry)
     bar.close()
     cache.flush()
+    if len(skipped) > max_unreadable_share * len(manifest):
+        rows = [e.row for e in manifest.entries if manifest.display_path(e) in {s for s, _ in skipped}]
+        listed = ", ".join(str(r) for r in rows[:20]) + (f" and {len(rows) - 20} more" if len(rows) > 20 else "")
+        raise TooManyUnreadableImages(
+            f"{manifest_path}: {len(skipped)} of {len(manifest)} images are missing or unreadable, more than the "
+            f"{max_unreadable_share:.0%} allowed (data.max_unreadable_share); rows {listed}. Fix or delete those "
+            "rows (the reasons are in the log and in 'fedtl-hospital quality-report'), or raise the limit"
+        )
     if skipped:
         logger.warning(
             "%d of %d images of %s could not be read and were skipped (see the quality report)",
@@ -160,14 +177,15 @@ def load_site_dataset(
 
 
 def _clinical_matrix(rows: list[tuple[float, ...]], width: int) -> torch.Tensor:
-    """Rows of clinical values -> (N, K) float32 with NaNs replaced by the column mean (0 if all missing)."""
+    """Rows of clinical values -> (N, K) float32, a missing value (NaN) replaced by 0.
+
+    Never by a statistic of the site's own values (a column mean): that would make every
+    patient's input depend on every other patient's record, which DP-SGD's per-patient clipping
+    does not bound. Code the columns so that 0 is a neutral value (e.g. centred age).
+    """
     matrix = np.asarray(rows, dtype=np.float64).reshape(len(rows), width)
-    for column in range(width):
-        values = matrix[:, column]
-        missing = np.isnan(values)
-        if missing.any():
-            present = values[~missing]
-            fill = float(present.mean()) if present.size else 0.0
-            values[missing] = fill
-            logger.info("clinical column %d: %d missing value(s) filled with the site mean", column, int(missing.sum()))
+    missing = np.isnan(matrix)
+    if missing.any():
+        logger.info("clinical values: %d missing value(s) set to 0", int(missing.sum()))
+        matrix[missing] = 0.0
     return torch.from_numpy(matrix.astype(np.float32))

@@ -5,7 +5,7 @@ Two layouts are accepted:
 * a CSV file with the columns ``path`` (relative to the CSV's folder, or absolute),
   ``label`` (a class name), ``patient_id`` and, optionally, numeric clinical columns
   (``age``, ``sex`` coded as a number, lab values ...). An empty clinical cell means
-  "missing" and is loaded as NaN (the site dataset fills it with the site mean);
+  "missing" and is loaded as NaN (the site dataset sets it to 0, never to a statistic of the site's data);
 * a folder with one sub-folder per class; every image file below a class folder is one
   entry. The patient id is the DICOM PatientID when the file has one, else the file stem.
   The PatientID is read locally and only kept in memory.
@@ -190,11 +190,8 @@ def _load_csv(path: Path, class_names: Sequence[str] | None, clinical_features: 
             )
             continue
         first_row_of[image_path] = line
-        if not image_path.is_file():
-            problems.append(
-                f"row {line}: file {rel!r} not found (looked at {image_path}); paths are relative to the "
-                "CSV's folder: fix the path or delete the row"
-            )
+        # A missing file is not a manifest problem: it is skipped when the images are read and
+        # counted with the unreadable ones (common.data.site_dataset), like a corrupt file.
         label = row["label"]
         if label not in index_of:
             problems.append(

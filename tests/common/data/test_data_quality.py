@@ -93,3 +93,28 @@ def test_main_reports_manifest_errors_with_exit_code_2(tmp_path: Path, capsys: p
     (tmp_path / "m.csv").write_text("path,label\n")
     assert main([str(tmp_path / "m.csv")]) == 2
     assert "missing column(s) patient_id" in capsys.readouterr().err
+
+
+def test_without_class_names_an_odd_label_is_reported_as_a_likely_typo_not_counted_as_a_class(tmp_path: Path) -> None:
+    manifest = _site(tmp_path)
+    manifest.write_text(manifest.read_text() + "n0.dcm,finidng,p7\n".replace("n0.dcm", "n1.dcm"))
+    manifest.write_text(manifest.read_text().replace("n1.dcm,normal,p1\n", "", 1))
+
+    report = quality_report(manifest)
+    text = format_quality_report(report)
+
+    assert not report["classes_checked"] and report["rare_labels"] == ["finidng"]
+    assert "label 'finidng' is on only 1 row(s): a typo?" in text and "NOT checked" in text
+
+
+def test_the_quality_report_with_json_output_imports_no_torch(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = ("import sys; from common.data.data_quality import main; "
+              f"code = main([{str(_site(tmp_path))!r}, '--json', {str(tmp_path / 'r.json')!r}]); "
+              "assert 'torch' not in sys.modules, 'torch was imported'; print('exit', code)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[3])
+    assert "exit 1" in done.stdout, done.stderr[-2000:]
+    assert (tmp_path / "r.json").exists()

@@ -148,7 +148,7 @@ def test_site_dataset_loads_tensors_and_reuses_the_cache(tmp_path: Path, monkeyp
     assert data.labels.tolist() == [0, 1, 0, 1]
     assert data.patient_ids == ["P0", "P0", "P1", "P1"]
     assert data.clinical.shape == (4, 1)
-    assert data.clinical[0, 0].item() == pytest.approx((51 + 52 + 53) / 3)  # missing -> site mean
+    assert data.clinical[0, 0].item() == 0.0  # missing -> 0, never the site's mean (it would couple patients)
     calls = _count_decodes(monkeypatch)
     again = load_site_dataset(manifest, **kwargs)  # type: ignore[arg-type]
     assert calls == []
@@ -181,7 +181,7 @@ def test_unreadable_files_are_skipped_with_their_reason(tmp_path: Path, caplog: 
                                  class_names=["normal", "finding"], show_progress=False)
     assert len(data) == 2 and data.patient_ids == ["P0", "P1"]
     assert [file for file, _ in data.skipped] == ["img1.dcm"]
-    assert "skipping img1.dcm" in caplog.text and "1 of 3 images" in caplog.text
+    assert "skipping row 3 (img1.dcm)" in caplog.text and "1 of 3 images" in caplog.text  # the manifest row
 
 
 def test_subset_keeps_rows_aligned(tmp_path: Path) -> None:
@@ -191,3 +191,19 @@ def test_subset_keeps_rows_aligned(tmp_path: Path) -> None:
     assert part.labels.tolist() == [1, 0] and part.patient_ids == ["P1", "P0"]
     assert torch.equal(part.images[1], data.images[0])
     assert "P1" not in repr(part)
+
+
+def test_a_missing_file_is_skipped_like_a_corrupt_one_and_too_many_stop_the_site_naming_the_rows(
+    tmp_path: Path,
+) -> None:
+    from common.data.site_dataset import TooManyUnreadableImages
+
+    manifest = _site(tmp_path, 3)
+    (tmp_path / "site" / "img1.dcm").unlink()
+    kwargs = dict(preprocessing=Preprocessing(16, 1), cache_dir=tmp_path / "cache", class_names=["normal", "finding"],
+                  show_progress=False)
+
+    data = load_site_dataset(manifest, max_unreadable_share=0.5, **kwargs)  # type: ignore[arg-type]
+    assert len(data) == 2 and "file not found" in data.skipped[0][1]
+    with pytest.raises(TooManyUnreadableImages, match=r"1 of 3 images .* more than the 10% allowed .*rows 3\b"):
+        load_site_dataset(manifest, max_unreadable_share=0.1, **kwargs)  # type: ignore[arg-type]

@@ -207,6 +207,31 @@ def test_palette_colour_is_expanded_to_rgb(tmp_path: Path) -> None:
     assert np.allclose(image[indices == 1], [1, 0, 0]) and np.allclose(image[indices == 3], [0, 0, 1])
 
 
+def _palette_file_with_8_bit_entries_in_16_bit_words(path: Path, big_endian: bool) -> Path:
+    """What scanners and pydicom-data's palette samples do: descriptor says 8 bits, the LUT data is OW."""
+    from pydicom.dataelem import DataElement
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian
+
+    indices = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    ds = factory.make_dataset(indices, photometric="PALETTE COLOR")
+    ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian if big_endian else ExplicitVRLittleEndian
+    ramp = np.arange(256, dtype=np.uint16).astype(">u2" if big_endian else "<u2").tobytes()
+    for tag, colour in ((0x00281201, "Red"), (0x00281202, "Green"), (0x00281203, "Blue")):
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 8])
+        ds[tag] = DataElement(tag, "OW", ramp)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("big_endian", [False, True], ids=["little-endian", "big-endian"])
+def test_palette_colour_is_scaled_by_the_lookup_tables_own_bit_depth(tmp_path: Path, big_endian: bool) -> None:
+    image = read_image(_palette_file_with_8_bit_entries_in_16_bit_words(tmp_path / "palette.dcm", big_endian))
+
+    assert image.shape == (16, 16, 3)
+    assert image.max() == pytest.approx(1.0) and image.mean() == pytest.approx(0.5, abs=0.01)  # not black
+    assert np.allclose(image[..., 0].flatten(), np.arange(256) / 255, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- compressed syntaxes
 
 LOSSLESS = [RLELossless, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless]
@@ -338,6 +363,33 @@ def test_truncated_compressed_file_is_unreadable(tmp_path: Path, syntax: str) ->
     ds.save_as(path, enforce_file_format=True)
     assert path.read_bytes() != data
     assert "cannot be decoded" in _reason(path) or "truncated" in _reason(path)
+
+
+def test_a_decoding_failure_gives_each_plugins_cause_and_logs_no_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = factory.write_dicom(tmp_path / "t.dcm", factory.gradient_image(40, 40), transfer_syntax=JPEGLSLossless)
+    ds = dcmread(path)
+    from pydicom.encaps import encapsulate, generate_fragments
+
+    fragment = next(generate_fragments(ds.PixelData))
+    ds.PixelData = encapsulate([fragment[: len(fragment) // 3]])
+    ds.save_as(path, enforce_file_format=True)
+
+    with caplog.at_level("DEBUG"):
+        reason = _reason(path)
+
+    assert "all available plugins" in reason and "pylibjpeg:" in reason  # the cause, not only pydicom's first line
+    assert not [r for r in caplog.records if r.exc_info], "pydicom's per-plugin tracebacks are not logged"
+
+
+def test_a_library_message_never_quotes_the_value_it_choked_on() -> None:
+    from common.data.dicom_reader import _describe
+
+    described = _describe(ValueError("Invalid value for VR IS: '1A'\n  and \"SMITH^JOHN\" too"))
+
+    assert "1A" not in described and "SMITH" not in described
+    assert described == "ValueError: Invalid value for VR IS: <value>; and <value> too"
 
 
 def test_missing_pixel_data_is_unreadable(tmp_path: Path) -> None:
