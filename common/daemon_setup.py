@@ -43,6 +43,9 @@ class _EscapeControlCharacters(logging.Filter):
 
 def configure_logging(level: int = logging.INFO) -> None:
     """Give the process the daemons' log format (once; a host application's own set-up is kept)."""
+    from common.data.metadata_guard import install_log_guard
+
+    install_log_guard()  # mask registered DICOM header values in every record of this process
     root = logging.getLogger()
     if root.handlers:
         return

@@ -41,7 +41,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, pixel_array
 from pydicom.pixels.processing import apply_color_lut, apply_voi, apply_windowing
 
-from common.data.metadata_guard import REGISTRY, register_dataset
+from common.data.metadata_guard import REGISTRY, install_log_guard, register_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -481,3 +481,6 @@ def _quiet_pydicom_plugin_failures() -> None:
 
 
 _quiet_pydicom_plugin_failures()
+# Every process that reads a DICOM header (ClientApp, simulation worker, hospital tools) masks the
+# header values it registered in every log record, whoever logs them.
+install_log_guard()
