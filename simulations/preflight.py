@@ -124,7 +124,8 @@ def refuse_unless_ready(checks: list[SiteCheck]) -> None:
 
 def format_checks(checks: list[SiteCheck]) -> str:
     """The data-quality summary per site, one table row each (for the researcher's console)."""
-    lines = ["| site | images (readable) | patients | images per class | train / test patients per class | unreadable |",
+    lines = ["| site | images (readable) | patients | images per class | train / test patients per class "
+             "| unreadable |",
              "|---|---|---|---|---|---|"]
     for check in checks:
         if not check.images_per_class:

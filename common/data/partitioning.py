@@ -100,7 +100,8 @@ def write_partition(
     summary: dict[str, dict[str, object]] = {}
     for name in sorted(sites):
         patients = sites[name]
-        chosen = [(entry, row) for entry, row in zip(manifest.entries, rows, strict=True) if entry.patient_id in patients]
+        chosen = [(entry, row) for entry, row in zip(manifest.entries, rows, strict=True)
+                  if entry.patient_id in patients]
         path = out / name / "manifest.csv"
         atomic_write_text(path, _csv_text(header, [row for _, row in chosen]))
         written.append(PartitionSite(name, path))

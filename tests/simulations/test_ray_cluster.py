@@ -148,7 +148,8 @@ def test_a_simulation_on_own_manifests_runs_its_sites_on_both_nodes_of_a_ray_clu
     # a backbone file of the researcher's (any fedtl checkpoint; this one is untrained), so that the test
     # spends its time on the cluster, not on pretraining
     backbone = tmp_path / "backbone.pt"
-    save_backbone_checkpoint(backbone, build_backbone(ModelConfig(image_size=32), load_weights=False), ((0.5,), (0.25,)))
+    untrained = build_backbone(ModelConfig(image_size=32), load_weights=False)
+    save_backbone_checkpoint(backbone, untrained, ((0.5,), (0.25,)))
     config = tmp_path / "cluster.toml"
     config.write_text(
         f'name = "cluster"\n[model]\nimage_size = 32\ncheckpoint = "{backbone}"\n[privacy]\nenabled = false\n'
@@ -165,7 +166,8 @@ def test_a_simulation_on_own_manifests_runs_its_sites_on_both_nodes_of_a_ray_clu
     assert "| north |" in out and "| south |" in out  # the pre-flight summary came first
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [1]
-    assert {site: row["status"] for site, row in metrics["rounds"][0]["sites"].items()} == {"north": "ok", "south": "ok"}
+    statuses = {site: row["status"] for site, row in metrics["rounds"][0]["sites"].items()}
+    assert statuses == {"north": "ok", "south": "ok"}
     assert set(metrics["per_site_final"]["federated"]) == {"north", "south"}
     assert any((tmp_path / "run" / "tensorboard").iterdir())
     runs = sites_that_ran_per_node(ray_cluster)
