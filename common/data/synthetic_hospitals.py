@@ -183,11 +183,15 @@ def _write_site(
     if counts[-1] <= 0:
         counts.pop()
     labels = (rng.random(len(counts)) < profile.prevalence).astype(int)
-    if len(counts) >= 2:  # every site sees both classes
-        if labels.sum() == 0:
-            labels[0] = 1
-        if labels.sum() == len(labels):
-            labels[0] = 0
+    # every site sees both classes; from 4 patients on, at least 2 of each, so that a patient split has
+    # each class on both sides (a site whose test patients lack a class is refused before a simulation)
+    floor = 2 if len(counts) >= 4 else 1 if len(counts) >= 2 else 0
+    for wanted in (1, 0):
+        for patient in range(len(labels)):
+            if int((labels == wanted).sum()) >= floor:
+                break
+            if labels[patient] != wanted and int((labels == labels[patient]).sum()) > floor:
+                labels[patient] = wanted
 
     (folder / "images").mkdir(parents=True, exist_ok=True)
     records: list[list[str]] = []

@@ -163,3 +163,14 @@ def test_public_source_is_a_balanced_four_class_png_dataset(tmp_path: Path) -> N
     assert read_image(loaded.entries[0].path).shape == (24, 24)
     again = generate_public_source(tmp_path / "pub2", num_images=12, seed=0, image_size=24)
     assert (manifest.parent / "images" / "00005.png").read_bytes() == (again.parent / "images" / "00005.png").read_bytes()
+
+
+def test_even_a_small_site_has_two_patients_of_each_class_so_both_sides_of_its_split_see_both(
+    tmp_path: Path,
+) -> None:
+    manifests = generate_federation(tmp_path, num_sites=8, seed=0, image_size=16, site_sizes=[16] * 8)  # 4 or more patients each
+    for manifest in manifests:
+        patients_of: dict[str, set[str]] = {}
+        for row in _rows(manifest):
+            patients_of.setdefault(row["label"], set()).add(row["patient_id"])
+        assert min(len(patients_of.get(name, ())) for name in CLASS_NAMES) >= 2, manifest.parent.name
