@@ -39,58 +39,6 @@ def tiny_plan(tmp_path: Path, cache: Path, rounds: int = 2, **privacy: object) -
                           cache_root=cache)
 
 
-def test_a_small_federation_runs_every_round_and_records_each_site(tmp_path: Path, shared_cache: Path) -> None:
-    plan = tiny_plan(tmp_path, shared_cache)
-    metrics = run_federated(plan)
-    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
-    for record in metrics["rounds"]:
-        assert len(record["sites"]) == 3
-        for site, row in record["sites"].items():
-            assert site.startswith("hospital-")
-            assert row["status"] == "ok"
-            assert 0.0 < row["epsilon"] <= 8.0
-            assert 0.0 <= row["balanced_accuracy"] <= 1.0
-            assert row["num_examples"] > 0
-    eps = [[r["sites"][s]["epsilon"] for r in metrics["rounds"]] for s in metrics["rounds"][0]["sites"]]
-    assert all(a < b for a, b in eps), "cumulative epsilon must grow every round"
-    assert (plan.run_dir / "metrics.csv").exists()
-    assert (plan.run_dir / "checkpoints").is_dir()
-    # the backbone travels once per site, not every round
-    first, second = metrics["rounds"]
-    assert second["bytes_sent"] < first["bytes_sent"]
-    # from round 2 on a site gets the global layers once, as an int8 delta from its own copy (the
-    # evaluate message of round 1 brought them; the train message of round 2 carries no tensors):
-    # exactly the size of the int8 update it sends back
-    assert plan.config.training.update_encoding == "int8"
-    for site, row in second["sites"].items():
-        assert row["bytes_sent"] == row["bytes_received"] > 0, site
-
-
-def test_resume_after_an_interrupted_run_continues_from_the_last_completed_round(
-    tmp_path: Path, shared_cache: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import server.federation_loop as loop
-
-    plan = tiny_plan(tmp_path, shared_cache, rounds=2)
-    real_save = loop.save_checkpoint
-
-    def crash_in_round_two(run_dir, server_round, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if server_round == 2:
-            raise KeyboardInterrupt("coordinator killed during round 2")
-        return real_save(run_dir, server_round, *args, **kwargs)
-
-    monkeypatch.setattr(loop, "save_checkpoint", crash_in_round_two)
-    with pytest.raises(SimulationIncomplete, match="--resume"):
-        run_federated(plan)
-    interrupted = json.loads((plan.run_dir / "metrics.json").read_text())
-    assert [r["round"] for r in interrupted["rounds"]] == [1]
-
-    monkeypatch.setattr(loop, "save_checkpoint", real_save)
-    metrics = run_federated(dataclasses.replace(plan, resume=True))
-    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
-    assert metrics["rounds"][0] == interrupted["rounds"][0], "the completed round is kept, not redone"
-
-
 class _GarbageSite:
     """Wraps the real ClientApp; one partition answers train with NaN in every floating-point tensor
     (with the default int8 encoding: the per-tensor scales; int8 codes cannot be NaN)."""
@@ -111,25 +59,87 @@ class _GarbageSite:
         return reply
 
 
-def test_one_site_returning_garbage_is_dropped_and_the_rounds_go_on(
-    tmp_path: Path, shared_cache: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    plan = tiny_plan(tmp_path, shared_cache)
+@dataclasses.dataclass
+class InterruptedFederation:
+    """One federation, observed by several tests (a simulation costs a minute of CPU): three sites,
+    hospital-1 answering train with NaN tensors; the coordinator dies as round 2 begins and the run
+    is resumed."""
+
+    plan: SimulationPlan
+    interrupted: dict
+    metrics: dict
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> InterruptedFederation:
+    import server.federation_loop as loop
+
+    plan = tiny_plan(tmp_path_factory.mktemp("federation"), shared_cache)
     sites = synthetic_sites(plan)
     real = make_client_app(sites)
-    wrapper = _GarbageSite(real, bad_partition=1)
     garbage_app = ClientApp()
-    garbage_app.train()(wrapper)
+    garbage_app.train()(_GarbageSite(real, bad_partition=1))
     garbage_app.evaluate()(real)
     garbage_app.query()(real)
-    monkeypatch.setattr("simulations.simulate.make_client_app", lambda directory: garbage_app)
-    metrics = run_federated(plan, sites)
+    real_train = loop._train
+
+    def crash_in_round_two(grid, config, backbone, broadcast, nodes, server_round, traffic):  # type: ignore[no-untyped-def]
+        # killed as round 2 begins: a kill after the sites trained would make them spend round 2's
+        # budget twice, and the resumed round would rightly be declined
+        if server_round == 2:
+            raise KeyboardInterrupt("coordinator killed during round 2")
+        return real_train(grid, config, backbone, broadcast, nodes, server_round, traffic)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("simulations.simulate.make_client_app", lambda directory: garbage_app)
+        patch.setattr(loop, "_train", crash_in_round_two)
+        with pytest.raises(SimulationIncomplete, match="--resume"):
+            run_federated(plan, sites)
+        interrupted = json.loads((plan.run_dir / "metrics.json").read_text())
+        patch.setattr(loop, "_train", real_train)
+        metrics = run_federated(dataclasses.replace(plan, resume=True), sites)
+    return InterruptedFederation(plan, interrupted, metrics)
+
+
+def test_a_small_federation_runs_every_round_and_records_each_site(federation: InterruptedFederation) -> None:
+    metrics, plan = federation.metrics, federation.plan
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
     for record in metrics["rounds"]:
+        assert set(record["sites"]) == {"hospital-0", "hospital-1", "hospital-2"}
+        for site, row in record["sites"].items():
+            assert row["status"] == ("dropped" if site == "hospital-1" else "ok"), (site, row)
+            assert row["eval_status"] == "ok"  # the garbage site is still evaluated
+            assert 0.0 < row["epsilon"] <= 8.0
+            assert 0.0 <= row["balanced_accuracy"] <= 1.0
+            assert row["eval_num_examples"] > 0
+    eps = [[r["sites"][s]["epsilon"] for r in metrics["rounds"]] for s in metrics["rounds"][0]["sites"]]
+    assert all(a < b for a, b in eps), "cumulative epsilon must grow every round"
+    assert (plan.run_dir / "metrics.csv").exists()
+    assert (plan.run_dir / "checkpoints").is_dir()
+    # the backbone travels once per site, not every round
+    first, second = metrics["rounds"]
+    assert second["bytes_sent"] < first["bytes_sent"]
+    # the int8 round trip (a site gets the global layers as an int8 delta from its own copy) is
+    # tests/server/test_global_broadcast.py's; a resumed coordinator first sends full weights
+    for site, row in second["sites"].items():
+        assert 0 < row["bytes_received"] < row["bytes_sent"] < first["sites"][site]["bytes_sent"], (site, row)
+
+
+def test_resume_after_an_interrupted_run_continues_from_the_last_completed_round(
+    federation: InterruptedFederation,
+) -> None:
+    assert [r["round"] for r in federation.interrupted["rounds"]] == [1]
+    assert [r["round"] for r in federation.metrics["rounds"]] == [1, 2]
+    assert federation.metrics["rounds"][0] == federation.interrupted["rounds"][0], "the completed round is kept"
+
+
+def test_one_site_returning_garbage_is_dropped_and_the_rounds_go_on(federation: InterruptedFederation) -> None:
+    for record in federation.metrics["rounds"]:
         reasons = {d["site"]: d["reason"] for d in record["dropped"]}
-        assert "hospital-1" in reasons and "NaN" in reasons["hospital-1"] or "nan" in reasons["hospital-1"].lower()
+        assert "hospital-1" in reasons and "nan" in reasons["hospital-1"].lower(), reasons
         for site in ("hospital-0", "hospital-2"):
             assert record["sites"][site]["status"] == "ok"
             assert math.isfinite(record["sites"][site]["balanced_accuracy"])
-    saved = json.loads((plan.run_dir / "metrics.json").read_text())
+        assert record["aggregate"]["sites_trained"] == 2
+    saved = json.loads((federation.plan.run_dir / "metrics.json").read_text())
     assert saved["rounds"][-1]["aggregate"]["sites_trained"] == 2
