@@ -98,12 +98,38 @@ def backbone(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, PreparedBa
     return cache, prepare_backbone(config, cache)
 
 
+# PHI canaries planted in h1's data: a file name, header values (name, id, birth date, institution) and
+# manifest rows (patient id). None may reach anything the coordinator stores or logs.
+CANARY_FILE = "CANARY-Smith-John-19650203"
+CANARIES = (CANARY_FILE, "CANARY^SMITH^JOHN", "CANARY-MRN-4242", "19650203", "CANARY GENERAL")
+
+
+def plant_canaries(manifest: Path) -> None:
+    """Three rows of one patient: a corrupt file named after the patient, a readable DICOM whose header
+    names them, and a missing file (3 bad rows of 43: under the 10% a site tolerates)."""
+    import pydicom
+
+    rows = manifest.read_text().splitlines()
+    first = rows[1].split(",")
+    images = (manifest.parent / first[0]).parent
+    (images / f"{CANARY_FILE}.dcm").write_bytes(b"not a DICOM file")
+    ds = pydicom.dcmread(manifest.parent / first[0])
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = "CANARY^SMITH^JOHN", "CANARY-MRN-4242", "19650203"
+    ds.InstitutionName = "CANARY GENERAL"
+    ds.save_as(images / "scan-7.dcm")
+    prefix = Path(first[0]).parent
+    extra = [f"{prefix / name},{first[1]},CANARY-MRN-4242,{first[3]}"
+             for name in (f"{CANARY_FILE}.dcm", "scan-7.dcm", "CANARY-missing-19650203.dcm")]
+    manifest.write_text("\n".join(rows + extra) + "\n")
+
+
 @pytest.fixture(scope="module")
 def hospital_manifests(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Three tiny synthetic hospitals (DICOM files + manifest), one per site name."""
+    """Three tiny synthetic hospitals (DICOM files + manifest), one per site name; h1 holds the canaries."""
     manifests = generate_federation(
         tmp_path_factory.mktemp("hospital-data"), len(HOSPITALS), seed=0, image_size=IMAGE_SIZE, site_sizes=SITE_SIZES
     )
+    plant_canaries(manifests[0])
     return dict(zip(HOSPITALS, manifests))
 
 
@@ -457,3 +483,31 @@ def test_a_coordinator_killed_and_resumed_loses_no_completed_round(coordinator_r
     assert json.loads((checkpoints / "latest.json").read_text())["round"] == 2
     latest = latest_checkpoint(coordinator_restart.scenario.run_dir)
     assert latest is not None and latest.round == 2
+
+
+# ------------------------------------------------------------------------------ PHI canaries
+def coordinator_files(scenario: Scenario) -> list[Path]:
+    """Everything the coordinator stored or logged: its logs, the run folder, its own state (SuperLink
+    database, PKI, cache); not the hospitals' own state or logs, which stay at the sites."""
+    sites = scenario.federation.root / "sites"
+    candidates = [*scenario.log_dir.rglob("*"), *scenario.run_dir.rglob("*"), *scenario.federation.root.rglob("*")]
+    return sorted({path for path in candidates if path.is_file() and sites not in path.parents
+                   and not path.name.startswith("hospital-")})
+
+
+def test_no_phi_canary_from_a_hospitals_files_headers_or_manifest_reaches_what_the_coordinator_stores_or_logs(
+    hospital_crash: HospitalCrash, coordinator_restart: CoordinatorRestart
+) -> None:
+    files = coordinator_files(hospital_crash.scenario) + coordinator_files(coordinator_restart.scenario)
+    sizes = {path: path.stat().st_size for path in files}
+    hits = [(path, canary) for path in files for canary in CANARIES if canary.encode() in path.read_bytes()]
+    logger.info("PHI canaries: %d coordinator files, %d bytes grepped, %d hit(s)", len(files), sum(sizes.values()),
+                len(hits))
+
+    assert any(path.suffix == ".log" for path in files) and (hospital_crash.scenario.run_dir / "metrics.json") in files
+    assert hits == []
+    # the canaries did travel: the site itself logged the bad rows (its own log, which stays at the site)
+    site_logs = b"".join(p.read_bytes() for p in hospital_crash.scenario.log_dir.glob("hospital-h1*.log"))
+    assert CANARY_FILE.encode() in site_logs
+    rounds = hospital_crash.metrics["rounds"]
+    assert rounds[0]["sites"]["h1"]["status"] == "ok"  # 3 bad rows of 43 did not stop the site
