@@ -92,6 +92,9 @@ def train_tail(
         dataset = TensorDataset(inputs, clinical, labels)
         loader = DataLoader(dataset, batch_size=training.batch_size, shuffle=True, generator=generator)
     grad_sample_mode = grad_sample_mode_for(privacy.grad_sample_mode, privacy.unit)
+    if privacy.enabled and grad_sample_mode != privacy.grad_sample_mode:
+        logger.info("privacy.unit = %r: per-image gradients in %r mode (%r clipping cannot sum them per patient)",
+                    privacy.unit, grad_sample_mode, privacy.grad_sample_mode)
     global_on_device = (
         {name: tensor.to(device) for name, tensor in global_shared.items()} if global_shared else None
     )
