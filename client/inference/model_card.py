@@ -20,6 +20,7 @@ from typing import Any
 from client.inference.site_model import SiteModel
 from common.data.decoded_image_cache import QUANT
 from common.data.dicom_reader import PERCENTILE_WINDOW, READER_VERSION
+from common.models.layer_policy import resolve_policy
 
 CARD_FORMAT_VERSION = 1
 LEDGER_FILE = "ledger.json"
@@ -59,7 +60,7 @@ def build_card(site_model: SiteModel, state_dir: Path, model_file: str | None) -
             "format": "TorchScript (torch.jit.load)",
             "architecture": config.model.architecture,
             "personal_head": site_model.record.get("head"),
-            "shared_layers": list(config.policy.shared) if config.policy.shared else "architecture default",
+            "shared_layers": list(resolve_policy(config.policy, config.model.architecture).shared),
             "inputs": [f"images: preprocessed, {shape}"]
             + ([f"clinical: float32 (N, {num_clinical}) = {', '.join(config.model.clinical_features)}"]
                if num_clinical else []),

@@ -131,8 +131,11 @@ def _manifest_inputs(manifest: Path, clinical_features: Sequence[str]) -> list[P
     return inputs
 
 
-def _load_pixels(site_model: SiteModel, item: PredictInput) -> tuple[np.ndarray, tuple[int, int]]:
-    """The geometry step's output exactly as training reads it, and the original image's (rows, cols)."""
+def load_pixels(site_model: SiteModel, item: PredictInput) -> tuple[np.ndarray, tuple[int, int]]:
+    """The geometry step's output (S, S, C) exactly as training reads it, and the original image's (rows, cols).
+
+    Raises UnreadableImageError (or a decoder's own exception) for a file that can not be read.
+    """
     if item.problem:
         raise UnreadableImageError(item.path, item.problem)
     original = read_image(item.path, site_model.frame_policy)  # type: ignore[arg-type]
@@ -169,7 +172,7 @@ def predict_images(
         fitted, shapes, readable = [], [], []
         for index, item in chunk:
             try:
-                pixels, shape = _load_pixels(site_model, item)
+                pixels, shape = load_pixels(site_model, item)
             except UnreadableImageError as error:
                 results[index] = Prediction(item.shown, STATUS_UNREADABLE, reason=error.reason)
                 continue

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.inference.predict import _load_pixels, discover_inputs, run_predictions
+from client.inference.predict import discover_inputs, load_pixels, run_predictions
 from client.inference.site_model import load_site_model
 from client.site_session import SiteSession
 from client.site_settings import SiteSettings
@@ -73,7 +73,7 @@ def measure_device(state_dir: Path, images_dir: Path, device: str, batch_size: i
     _synchronise(site_model.device)
     timed = min((run_predictions(site_model, inputs, batch_size=batch_size, progress=False) for _ in range(repeats)),
                 key=lambda run: run.seconds)
-    batch = site_model.preprocessing.normalise(np.stack([_load_pixels(site_model, item)[0] for item in inputs]))
+    batch = site_model.preprocessing.normalise(np.stack([load_pixels(site_model, item)[0] for item in inputs]))
     batch = batch.to(site_model.device)
     passes = []
     with torch.no_grad():

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from client.hospital_daemon import main as hospital_main
-from client.inference.predict import _load_pixels, discover_inputs, run_predictions
+from client.inference.predict import discover_inputs, load_pixels, run_predictions
 from client.inference.site_model import load_site_model
 from tests.client.inference.conftest import GLOBAL_ID
 
@@ -41,7 +41,7 @@ def test_the_exported_file_loads_with_plain_torch_and_gives_predicts_probabiliti
     model = load_site_model(trained_site.state_dir)
     inputs = discover_inputs(trained_site.manifest)[:5]
     predicted = run_predictions(model, inputs, progress=False).predictions
-    batch = model.preprocessing.normalise(np.stack([_load_pixels(model, item)[0] for item in inputs]))
+    batch = model.preprocessing.normalise(np.stack([load_pixels(model, item)[0] for item in inputs]))
     torch.save(batch, tmp_path / "batch.pt")
     outside = tmp_path / "elsewhere"  # not the repository: fedtl is not importable from the working folder
     outside.mkdir()
