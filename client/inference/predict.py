@@ -6,8 +6,9 @@ Inputs:
 * a folder: every non-hidden file below it, in sorted order (DICOM files often have no extension;
   a file that is not an image gets a row saying so);
 * a manifest: a ``.csv`` file with a ``path`` column (relative to the CSV's folder, or absolute) and,
-  when the model fuses clinical values, those columns. Other columns (``label``, ``patient_id``) may
-  be there and are ignored: nothing about a patient is written to the output.
+  when the model fuses clinical values, those columns (an empty cell is a missing value and becomes
+  0, as in training). Other columns (``label``, ``patient_id``) may be there and are ignored: nothing
+  about a patient is written to the output.
 
 Each image is read and preprocessed exactly as in training (``common.data.dicom_reader.read_image``,
 then ``Preprocessing.fit`` and the decoded-image cache's 1/65535 quantisation via
@@ -117,14 +118,17 @@ def _manifest_inputs(manifest: Path, clinical_features: Sequence[str]) -> list[P
             path = Path(written) if Path(written).is_absolute() else manifest.parent / written
             values, problem = [], ""
             for column in clinical_features:
+                if not row[column]:  # missing: 0, as in training (common.data.site_dataset)
+                    values.append(0.0)
+                    continue
                 try:
                     value = float(row[column])
                     if not math.isfinite(value):
                         raise ValueError
                     values.append(value)
                 except ValueError:
-                    problem = (f"line {line}: clinical value {column!r} is missing or not a number; the model needs "
-                               "it (fill it in the manifest)")
+                    problem = (f"line {line}: clinical value {column!r} is not a number; write a number, or leave "
+                               "the cell empty for a missing value")
             inputs.append(PredictInput(path, written or f"(line {line}: empty path)", tuple(values), problem))
     if not inputs:
         raise PredictInputError(f"{manifest}: the manifest lists no images")

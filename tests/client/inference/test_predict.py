@@ -150,3 +150,14 @@ def test_a_state_directory_without_a_finished_model_is_refused_naming_the_file_a
     assert "site_model.json is missing" in capsys.readouterr().err
     with pytest.raises(PredictInputError, match="no such file or folder"):
         discover_inputs(tmp_path / "nowhere")
+
+
+def test_a_manifest_brings_the_clinical_values_a_model_fuses_missing_ones_as_in_training(tmp_path) -> None:  # noqa: ANN001
+    manifest = tmp_path / "studies.csv"
+    manifest.write_text("path,age,label\na.dcm,52,normal\nb.dcm,,finding\nc.dcm,old,normal\n")
+    first, missing, wrong = discover_inputs(manifest, ["age"])
+    assert first.clinical == (52.0,) and not first.problem and first.path == tmp_path / "a.dcm"
+    assert missing.clinical == (0.0,) and not missing.problem  # training fills a missing value with 0
+    assert "'age' is not a number" in wrong.problem
+    with pytest.raises(PredictInputError, match=r"column\(s\) sex missing"):
+        discover_inputs(manifest, ["age", "sex"])
