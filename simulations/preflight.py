@@ -9,7 +9,9 @@ names the site and what to change, when a site
 * has a manifest that cannot be used (missing file or column, unknown label, ...);
 * has no patient of some class among its training patients, or among its test patients (its
   personal head could not learn that class, or its balanced accuracy would not be defined);
-* has fewer test patients than ``[data] min_test_patients``.
+* has fewer test patients than ``[data] min_test_patients``;
+* has more missing or unreadable images than ``[data] max_unreadable_share`` allows (the site itself
+  would refuse to start).
 
 The summary (images, patients and classes per site, the split, unreadable files) is for the
 researcher's own screen; it holds counts and file names only, never a patient id.
@@ -66,6 +68,13 @@ def check_site(settings: SiteSettings, config: FederationConfig) -> SiteCheck:
     entries = [e for e in manifest.entries if manifest.display_path(e) not in unreadable]
     classes = manifest.class_names
     problems: list[str] = []
+    share = len(report["unreadable"]) / max(1, int(report["num_images"]))
+    if share > config.data.max_unreadable_share:
+        problems.append(
+            f"site {name!r}: {len(report['unreadable'])} of {report['num_images']} images are missing or unreadable "
+            f"({share:.0%}, more than [data] max_unreadable_share = {config.data.max_unreadable_share:.0%}); fix or "
+            "delete those rows (see the summary), or raise max_unreadable_share"
+        )
     train_per_class: dict[str, int] = {c: 0 for c in classes}
     test_per_class: dict[str, int] = {c: 0 for c in classes}
     test_patients = 0

@@ -60,6 +60,13 @@ def test_a_site_with_fewer_test_patients_than_the_configured_minimum_is_refused(
     assert "raise [data] test_fraction" in message
 
 
+def test_a_site_with_more_unreadable_images_than_allowed_is_refused(tmp_path: Path) -> None:
+    check = check_site(site(tmp_path, "south", balanced_patients("s", per_class=4), corrupt=3), FederationConfig())
+    message = refusal([check])
+    assert "site 'south': 3 of 19 images are missing or unreadable" in message
+    assert "max_unreadable_share = 10%" in message
+
+
 def test_a_site_whose_manifest_cannot_be_read_is_refused_by_name(tmp_path: Path) -> None:
     broken = site(tmp_path, "north", balanced_patients("n"))
     broken.manifest.write_text("file,diagnosis\nx.png,normal\n")
