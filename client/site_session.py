@@ -36,6 +36,8 @@ from common.wire_contract import STATUS_DECLINED_BUDGET, STATUS_OK
 
 logger = logging.getLogger(__name__)
 
+_TOLD_NO_COUNT_WEIGHTS: set[str] = set()
+
 
 class BackboneMissing(RuntimeError):
     """The site does not hold the backbone the coordinator asked for (never installed, or cache lost)."""
@@ -198,8 +200,10 @@ class SiteSession:
         if not training.class_weighting:
             return None
         if self.config.privacy.enabled:
-            logger.info("[%s] under DP the loss is not weighted by the site's label counts; set "
-                        "training.class_weights for fixed class weights", self.settings.site_name)
+            if self.settings.site_name not in _TOLD_NO_COUNT_WEIGHTS:  # once per site and process
+                _TOLD_NO_COUNT_WEIGHTS.add(self.settings.site_name)
+                logger.info("[%s] under DP the loss is not weighted by the site's label counts; set "
+                            "training.class_weights for fixed class weights", self.settings.site_name)
             return None
         return class_weights(self.train.labels, self.config.model.num_classes)
 
