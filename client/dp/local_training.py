@@ -15,6 +15,7 @@ proximal gradient is added after privatisation, where Opacus cannot drop it (see
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -137,6 +138,9 @@ def train_tail(
     losses: list[float] = []
     steps = 0
     try:
+        # Opacus' per-image hooks are full backward hooks on a tail whose inputs (cached trunk
+        # outputs) need no gradient; torch warns about exactly that, harmlessly, once per process.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
         for _epoch in range(training.local_epochs):
             for batch in loader:
                 batch_inputs, batch_clinical, batch_labels = batch[:3]
