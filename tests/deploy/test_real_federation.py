@@ -43,6 +43,7 @@ from common.config import FederationConfig
 from common.data.synthetic_hospitals import generate_federation
 from server.backbone_source import PreparedBackbone, prepare_backbone
 from server.checkpoints import checkpoint_dir, latest_checkpoint
+from tests.phi_canaries import CANARY_FILE, canary_hits, plant_canaries
 from tests.deploy.harness import REAL_APP, LoopbackFederation, ProcessSupervisor, start_loopback_federation
 
 logger = logging.getLogger(__name__)
@@ -96,31 +97,6 @@ def backbone(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, PreparedBa
     cache = tmp_path_factory.mktemp("coordinator-cache")
     config = FederationConfig.from_dict(federation_config(rounds=1, privacy=True))
     return cache, prepare_backbone(config, cache)
-
-
-# PHI canaries planted in h1's data: a file name, header values (name, id, birth date, institution) and
-# manifest rows (patient id). None may reach anything the coordinator stores or logs.
-CANARY_FILE = "CANARY-Smith-John-19650203"
-CANARIES = (CANARY_FILE, "CANARY^SMITH^JOHN", "CANARY-MRN-4242", "19650203", "CANARY GENERAL")
-
-
-def plant_canaries(manifest: Path) -> None:
-    """Three rows of one patient: a corrupt file named after the patient, a readable DICOM whose header
-    names them, and a missing file (3 bad rows of 43: under the 10% a site tolerates)."""
-    import pydicom
-
-    rows = manifest.read_text().splitlines()
-    first = rows[1].split(",")
-    images = (manifest.parent / first[0]).parent
-    (images / f"{CANARY_FILE}.dcm").write_bytes(b"not a DICOM file")
-    ds = pydicom.dcmread(manifest.parent / first[0])
-    ds.PatientName, ds.PatientID, ds.PatientBirthDate = "CANARY^SMITH^JOHN", "CANARY-MRN-4242", "19650203"
-    ds.InstitutionName = "CANARY GENERAL"
-    ds.save_as(images / "scan-7.dcm")
-    prefix = Path(first[0]).parent
-    extra = [f"{prefix / name},{first[1]},CANARY-MRN-4242,{first[3]}"
-             for name in (f"{CANARY_FILE}.dcm", "scan-7.dcm", "CANARY-missing-19650203.dcm")]
-    manifest.write_text("\n".join(rows + extra) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -500,7 +476,7 @@ def test_no_phi_canary_from_a_hospitals_files_headers_or_manifest_reaches_what_t
 ) -> None:
     files = coordinator_files(hospital_crash.scenario) + coordinator_files(coordinator_restart.scenario)
     sizes = {path: path.stat().st_size for path in files}
-    hits = [(path, canary) for path in files for canary in CANARIES if canary.encode() in path.read_bytes()]
+    hits = canary_hits(files)
     logger.info("PHI canaries: %d coordinator files, %d bytes grepped, %d hit(s)", len(files), sum(sizes.values()),
                 len(hits))
 

@@ -15,6 +15,7 @@ from flwr.clientapp import ClientApp
 from client.client_app import make_client_app
 from common import wire_contract as wc
 from common.config import FederationConfig
+from tests.phi_canaries import CANARIES, canary_hits, plant_canaries
 from simulations.simulate import SimulationIncomplete, SimulationPlan, run_federated, synthetic_sites
 
 pytestmark = pytest.mark.slow
@@ -71,11 +72,25 @@ class InterruptedFederation:
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> InterruptedFederation:
+def federation_logs() -> list[str]:
+    """Every log line of the test process while the federation runs (the coordinator's included)."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path,
+               federation_logs: list[str]) -> InterruptedFederation:
+    import logging
+
     import server.federation_loop as loop
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            federation_logs.append(self.format(record))
 
     plan = tiny_plan(tmp_path_factory.mktemp("federation"), shared_cache)
     sites = synthetic_sites(plan)
+    plant_canaries(sites[0].manifest)  # hospital-0's files, headers and rows name a patient
     real = make_client_app(sites)
     garbage_app = ClientApp()
     garbage_app.train()(_GarbageSite(real, bad_partition=1))
@@ -90,6 +105,8 @@ def federation(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> 
             raise KeyboardInterrupt("coordinator killed during round 2")
         return real_train(grid, config, backbone, broadcast, nodes, server_round, traffic)
 
+    collect = Collect(level=logging.DEBUG)
+    logging.getLogger().addHandler(collect)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("simulations.simulate.make_client_app", lambda directory: garbage_app)
         patch.setattr(loop, "_train", crash_in_round_two)
@@ -98,6 +115,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> 
         interrupted = json.loads((plan.run_dir / "metrics.json").read_text())
         patch.setattr(loop, "_train", real_train)
         metrics = run_federated(dataclasses.replace(plan, resume=True), sites)
+    logging.getLogger().removeHandler(collect)
     return InterruptedFederation(plan, interrupted, metrics)
 
 
@@ -143,3 +161,16 @@ def test_one_site_returning_garbage_is_dropped_and_the_rounds_go_on(federation: 
         assert record["aggregate"]["sites_trained"] == 2
     saved = json.loads((federation.plan.run_dir / "metrics.json").read_text())
     assert saved["rounds"][-1]["aggregate"]["sites_trained"] == 2
+
+
+def test_no_phi_canary_of_a_site_reaches_what_the_coordinator_stores_or_logs(
+    federation: InterruptedFederation, federation_logs: list[str]
+) -> None:
+    run_dir = federation.plan.run_dir
+    stored = [p for p in run_dir.rglob("*") if p.is_file() and (run_dir / "sites") not in p.parents]
+    logged = "\n".join(federation_logs)
+
+    assert (run_dir / "metrics.json") in stored and logged
+    assert canary_hits(stored) == []
+    assert not [canary for canary in CANARIES if canary in logged]
+    assert federation.metrics["rounds"][0]["sites"]["hospital-0"]["eval_status"] == "ok"  # 3 bad rows did not stop it
