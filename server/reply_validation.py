@@ -32,6 +32,7 @@ from typing import Literal, TypeAlias
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 
 from common import wire_contract as wc
 
@@ -317,9 +318,21 @@ def drop_norm_outliers(
 # -------------------------------------------------------------------------------- helpers
 
 
+# Flower error codes whose reason is the text of an exception raised at the site (loading or running
+# its ClientApp): it can name the site's files, rows and patients, so the coordinator never stores it.
+_SITE_EXCEPTION_CODES: frozenset[int] = frozenset({
+    ErrorCode.UNKNOWN, ErrorCode.LOAD_CLIENT_APP_EXCEPTION, ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+    ErrorCode.CLIENT_APP_CRASHED, ErrorCode.MOD_FAILED_PRECONDITION,
+})
+
+
 def _error_rejection(message: Message) -> Rejection:
     error = message.error
-    reason = f"site returned a Flower error (code {error.code}): {error.reason or 'no reason given'}"
+    if error.code in _SITE_EXCEPTION_CODES:
+        reason = (f"site's ClientApp failed (Flower error code {error.code}); its text is not kept here (it may "
+                  "name the site's files): see the site's own log")
+    else:  # Flower's own delivery errors (message or node unavailable): no site data in them
+        reason = f"site returned a Flower error (code {error.code}): {error.reason or 'no reason given'}"
     logger.info("reply rejected: %s", reason)
     return Rejection("message", reason)
 

@@ -17,6 +17,7 @@ from server.reply_validation import (
     ValidEvaluation,
     ValidReply,
     drop_norm_outliers,
+    validate_evaluate_message,
     validate_evaluate_reply,
     validate_train_message,
     validate_train_reply,
@@ -262,9 +263,23 @@ def test_a_flower_error_message_becomes_a_rejection() -> None:
         run_id=1, message_id="m1", src_node_id=7, dst_node_id=0, reply_to_message_id="m0",
         group_id="1", created_at=0.0, ttl=60.0, message_type=wc.TRAIN,
     )
-    reply = Message(error=Error(code=3, reason="ClientApp crashed"), metadata=metadata)
+    reply = Message(error=Error(code=3, reason="message unavailable"), metadata=metadata)
     outcome = rejected(validate_train_message(reply, GLOBAL, "fp32"), "message")
-    assert "ClientApp crashed" in outcome.reason
+    assert "message unavailable" in outcome.reason  # Flower's own delivery error: kept
+
+
+@pytest.mark.parametrize("code", [1, 2, 8])  # loading the ClientApp failed, it raised, it crashed
+def test_the_text_of_an_exception_raised_at_a_site_is_never_kept_by_the_coordinator(code: int) -> None:
+    metadata = Metadata(
+        run_id=1, message_id="m1", src_node_id=7, dst_node_id=0, reply_to_message_id="m0",
+        group_id="1", created_at=0.0, ttl=60.0, message_type=wc.EVALUATE,
+    )
+    text = "ManifestError: /data/CANARY-Smith-John/labels.csv row 4: file CANARY-Smith-John-19650203.dcm"
+    reply = Message(error=Error(code=code, reason=text), metadata=metadata)
+
+    outcome = rejected(validate_evaluate_message(reply), "message")
+
+    assert "CANARY" not in outcome.reason and "site's own log" in outcome.reason
 
 
 def test_expected_shapes_may_be_given_as_specs_or_arrays() -> None:
