@@ -34,7 +34,7 @@ class RunFolderInUse(RuntimeError):
     """A new simulation was asked for in a folder that already holds a run."""
 
 
-_RUN_MARKERS = ("metrics.json", "checkpoints", "sites", "partition")
+_RUN_MARKERS = ("metrics.json", "metrics.csv", "checkpoints", "sites", "partition", "baselines", "variants")
 
 
 def prepare_run_folder(run_dir: Path, *, resume: bool, overwrite: bool) -> None:

@@ -44,3 +44,12 @@ def test_overwrite_refuses_a_folder_that_is_not_a_fedtl_run(tmp_path: Path) -> N
     with pytest.raises(RunFolderInUse, match="holds no fedtl run"):
         prepare_run_folder(tmp_path, resume=False, overwrite=True)
     assert (tmp_path / "notes.txt").exists()
+
+
+def test_overwrite_replaces_what_an_interrupted_overwrite_left_behind(tmp_path: Path) -> None:
+    """An overwrite killed half-way may leave only metrics.csv, baselines/ and variants/: still a fedtl run."""
+    run = tmp_path / "run"
+    (run / "baselines").mkdir(parents=True)
+    (run / "metrics.csv").write_text("round,site\n")
+    prepare_run_folder(run, resume=False, overwrite=True)
+    assert not run.exists()
