@@ -326,7 +326,8 @@ class FederationConfig(_Section):
         return self
 
     def with_paths_under(self, folder: Path) -> FederationConfig:
-        """The same configuration with the sites' relative paths taken relative to ``folder`` (the TOML's)."""
+        """The same configuration with relative paths (the sites', the backbone checkpoint) taken relative
+        to ``folder`` (the TOML's)."""
 
         def under(path: Path | None) -> Path | None:
             return None if path is None or path.is_absolute() else (folder / path).resolve()
@@ -337,7 +338,8 @@ class FederationConfig(_Section):
         partition = self.partition
         if partition is not None and partition.manifest is not None:
             partition = partition.model_copy(update={"manifest": under(partition.manifest) or partition.manifest})
-        return self.model_copy(update={"sites": sites, "partition": partition})
+        model = self.model.model_copy(update={"checkpoint": under(self.model.checkpoint) or self.model.checkpoint})
+        return self.model_copy(update={"sites": sites, "partition": partition, "model": model})
 
     def to_json(self) -> str:
         # where the simulated sites' files are is the researcher's business, not the federation's:

@@ -55,3 +55,11 @@ def test_a_missing_file_and_broken_toml_are_explained(tmp_path: Path) -> None:
 def test_the_configuration_travels_to_sites_as_json_unchanged() -> None:
     config = FederationConfig.from_toml(DEMO)
     assert FederationConfig.from_json(config.to_json()) == config
+
+
+def test_a_relative_backbone_checkpoint_is_taken_relative_to_the_toml_file(tmp_path: Path) -> None:
+    (tmp_path / "study").mkdir()
+    path = tmp_path / "study" / "federation.toml"
+    path.write_text('[model]\ncheckpoint = "weights/backbone.pt"\n')
+
+    assert FederationConfig.from_toml(path).model.checkpoint == (tmp_path / "study" / "weights" / "backbone.pt")
