@@ -103,8 +103,8 @@ OUTBOUND_FIELDS: Final[dict[str, tuple[str, str]]] = {
                                          "test images (evaluate reply)"),
     f"{METRICS}.epsilon": (EXACT, "cumulative epsilon spent: a function of the noise, the sample rate 1/ceil(n/B) "
                                   "and the steps, so it reveals the training-set size to within a batch"),
-    f"{METRICS}.delta": (EXACT, "the site's delta: min(1e-5, 1/n^1.1) unless configured, so below 35 patients "
-                                "it reveals n"),
+    f"{METRICS}.delta": (EXACT, "the site's delta: min(1e-5, 1/n^1.1) unless configured, i.e. 1e-5 for every "
+                                "site under about 35,000 training patients; above that it reveals n"),
     f"{METRICS}.{TRAIN_LOSS}": (EXACT, "mean training loss of the round; sent only when DP is off (under DP it "
                                        "would be an unprotected statistic of the training data)"),
     **{f"{METRICS}.{key}": (EXACT, "test-set result on the site's held-out patients, exact, rounded to "
