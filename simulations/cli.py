@@ -52,6 +52,7 @@ def _simulate(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     metrics = run_experiment(plan, baselines=not args.no_baselines, privacy_sweep=args.privacy_sweep,
+                             extra_rows=args.extra_rows,
                              seeds=args.seeds, sites=sites)
     print()
     print(format_table(metrics))
@@ -91,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--no-baselines", action="store_true", help="federated run only")
     simulate.add_argument("--seeds", type=int, default=1,
                           help="run the whole comparison for this many seeds and report each row's spread")
+    simulate.add_argument("--extra-rows", action="store_true",
+                          help="also the random-init federation and the sites alone and pooled under the DP budget "
+                          "(three more DP trainings)")
     simulate.add_argument("--privacy-sweep", action="store_true",
                           help="also run the federation at epsilon 1 and 3 (two more federations) for the "
                           "privacy-utility plot")

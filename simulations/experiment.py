@@ -87,6 +87,7 @@ def _federated_variant(plan: SimulationPlan, variant: SimulationPlan, sites: Map
 
 
 def run_experiment(plan: SimulationPlan, *, baselines: bool = True, privacy_sweep: bool = False,
+                   extra_rows: bool = False,
                    seeds: int = 1, sites: Mapping[int, SiteSettings] | None = None) -> dict[str, Any]:
     """Run everything for one report; returns the main run's metrics.json as written.
 
@@ -98,7 +99,7 @@ def run_experiment(plan: SimulationPlan, *, baselines: bool = True, privacy_swee
     each row's mean and spread over seeds.
     """
     sites = dict(sites) if sites is not None else resolve_sites(plan)
-    metrics = _run_one_seed(plan, sites, baselines=baselines, privacy_sweep=privacy_sweep)
+    metrics = _run_one_seed(plan, sites, baselines=baselines, privacy_sweep=privacy_sweep, extra_rows=extra_rows)
     if seeds > 1:
         means: dict[str, list[float]] = {name: [v] for name, v in metrics["summary"].items()
                                          if name in SUMMARY_ROWS and isinstance(v, (int, float))}
@@ -109,7 +110,8 @@ def run_experiment(plan: SimulationPlan, *, baselines: bool = True, privacy_swee
                                          resume=False)
             seeded_sites = {i: dataclasses.replace(s, state_dir=seeded.run_dir / "sites" / s.site_name)
                             for i, s in sites.items()}
-            other = _run_one_seed(seeded, seeded_sites, baselines=baselines, privacy_sweep=False)
+            other = _run_one_seed(seeded, seeded_sites, baselines=baselines, privacy_sweep=False,
+                                  extra_rows=extra_rows)
             for name, value in other["summary"].items():
                 if name in means and isinstance(value, (int, float)):
                     means[name].append(value)
@@ -123,7 +125,7 @@ def run_experiment(plan: SimulationPlan, *, baselines: bool = True, privacy_swee
 
 
 def _run_one_seed(plan: SimulationPlan, sites: dict[int, SiteSettings], *, baselines: bool,
-                  privacy_sweep: bool) -> dict[str, Any]:
+                  privacy_sweep: bool, extra_rows: bool = False) -> dict[str, Any]:
     metrics = run_federated(plan, sites)
     backbone = prepare_backbone(plan.config, plan.cache_dir, random_init=plan.random_init)
     per_variant: dict[str, SiteResults] = {"federated": evaluate_federated_sites(plan.config, sites, backbone)}
@@ -131,17 +133,18 @@ def _run_one_seed(plan: SimulationPlan, sites: dict[int, SiteSettings], *, basel
     if baselines:
         no_dp = without_dp(plan.config)
         per_variant["federated_no_dp"] = _federated_variant(plan, _with_config(plan, no_dp, "no-dp"), sites)
-        per_variant["random_init"] = _federated_variant(
-            plan, _with_config(plan, plan.config, "random-init", random_init=True), sites)
         baseline_dir = plan.run_dir / "baselines"
         per_variant["local_linear_probe"] = run_local_linear_probe(plan.config, sites, backbone, baseline_dir)
         per_variant["local_finetune"] = run_local_finetune(plan.config, sites, backbone, baseline_dir)
         per_variant["pooled_ceiling"] = run_pooled_ceiling(plan.config, sites, backbone, baseline_dir)
+    if baselines and extra_rows:  # three more DP trainings: pretrained vs random init, alone and pooled under DP
+        per_variant["random_init"] = _federated_variant(
+            plan, _with_config(plan, plan.config, "random-init", random_init=True), sites)
         if plan.config.privacy.enabled:
             per_variant["local"] = run_local_only(plan.config, sites, backbone, baseline_dir)
             per_variant["pooled"] = run_pooled(plan.config, sites, backbone, baseline_dir)
-        if privacy_sweep and plan.config.privacy.enabled:
-            sweep = _privacy_sweep(plan, sites, per_variant)
+    if baselines and privacy_sweep and plan.config.privacy.enabled:
+        sweep = _privacy_sweep(plan, sites, per_variant)
     summary = dict(metrics.get("summary", {}))
     for name in SUMMARY_ROWS:
         if name in per_variant:
