@@ -149,6 +149,8 @@ def train_tail(
                     # Poisson sampling can draw an empty batch: the step still happens (noise only).
                     for p in params:
                         p.grad = torch.zeros_like(p)
+                        if dp_module is not None and not fast_ghost:  # hooks/functorch clip per-sample rows
+                            p.grad_sample = p.new_zeros((0, *p.shape))
                 else:
                     batch_inputs = batch_inputs.to(device, non_blocking=True)
                     batch_clinical = batch_clinical.to(device)

@@ -156,3 +156,22 @@ def test_training_by_patient_needs_the_patient_of_every_image() -> None:
                    training=TrainingConfig(batch_size=8), privacy=PrivacyConfig(enabled=True, target_delta=1e-5),
                    ledger=NoNoiseLedger(), global_shared=None, proximal_mu=0.0, class_weights=None,
                    device=torch.device("cpu"), seed=0)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+def test_an_epoch_with_empty_poisson_batches_still_takes_every_step(mode: str) -> None:
+    """40 patients at q = 1/40: about a third of the batches are empty; each is a noise-only step."""
+    torch.manual_seed(0)
+    patients = [f"p{i}" for i in range(40)]
+    tail = Tail()
+    named = list(tail.named_parameters())
+
+    outcome = train_tail(
+        tail, torch.randn(40, 3, 6, 6), torch.zeros(40, 0), torch.tensor([i % 2 for i in range(40)]),
+        named_shared=named[:2], named_local=named[2:], training=TrainingConfig(batch_size=1, momentum=0.0),
+        privacy=PrivacyConfig(enabled=True, grad_sample_mode=mode, target_delta=1e-5), ledger=NoNoiseLedger(),
+        global_shared=None, proximal_mu=0.0, class_weights=None, device=torch.device("cpu"), seed=0,
+        patients=patients,
+    )
+
+    assert outcome.steps == 40
