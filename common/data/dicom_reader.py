@@ -29,7 +29,6 @@ that a log filter can mask them if anything else leaks them.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -41,7 +40,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, pixel_array
 from pydicom.pixels.processing import apply_color_lut, apply_voi, apply_windowing
 
-from common.data.metadata_guard import REGISTRY, install_log_guard, register_dataset
+from common.data.metadata_guard import install_log_guard, register_dataset
+from common.data.read_failures import UnreadableImageError, describe_failure, quiet_pydicom_plugin_failures
 
 logger = logging.getLogger(__name__)
 
@@ -70,19 +70,6 @@ PLUGIN_HINTS: dict[str, str] = {
     "1.2.840.10008.1.2.4.203": "pylibjpeg pylibjpeg-openjpeg>=2.2",
     "1.2.840.10008.1.2.5": "pylibjpeg pylibjpeg-rle (pydicom's own RLE decoder should work)",
 }
-
-
-class UnreadableImageError(Exception):
-    """An image file cannot be turned into pixels.
-
-    ``path`` is the file, ``reason`` says what is wrong and what to do; ``str(error)`` is
-    ``"<path>: <reason>"``. Neither ever contains a DICOM header value.
-    """
-
-    def __init__(self, path: str | Path, reason: str) -> None:
-        self.path = Path(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
 
 
 @dataclass(frozen=True)
@@ -201,7 +188,7 @@ def open_dicom(path: str | Path, *, stop_before_pixels: bool = False) -> Dataset
     except Exception as exc:  # truncated, corrupt, not a file
         raise UnreadableImageError(
             path,
-            f"the DICOM header cannot be parsed ({_describe(exc)}); the file is probably "
+            f"the DICOM header cannot be parsed ({describe_failure(exc)}); the file is probably "
             "truncated or corrupt: export it again from the PACS or remove it",
         ) from None
     try:
@@ -244,7 +231,7 @@ def read_dicom_image(path: str | Path, frame_policy: FramePolicy = "middle") -> 
             rgb = apply_color_lut(frame, ds)
         except Exception as exc:
             raise UnreadableImageError(
-                path, f"its palette colour lookup table cannot be applied ({_describe(exc)})"
+                path, f"its palette colour lookup table cannot be applied ({describe_failure(exc)})"
             ) from None
         return _finish(path, _palette_to_unit(ds, rgb))
 
@@ -277,7 +264,7 @@ def read_pillow_image(path: str | Path) -> np.ndarray:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise UnreadableImageError(
             path,
-            f"Pillow cannot decode it ({_describe(exc)}); the file is truncated or not "
+            f"Pillow cannot decode it ({describe_failure(exc)}); the file is truncated or not "
             "really an image: re-export it or remove it from the manifest",
         ) from None
     if arr.dtype == np.uint8:
@@ -380,7 +367,7 @@ def _decode_frame(path: Path, ds: Dataset, index: int | None) -> np.ndarray:
     except Exception as exc:
         raise UnreadableImageError(
             path,
-            f"its pixel data cannot be decoded as {tsyntax.name} ({_describe(exc)}); the file "
+            f"its pixel data cannot be decoded as {tsyntax.name} ({describe_failure(exc)}); the file "
             "is probably truncated or corrupt: export it again or remove it from the manifest",
         ) from None
     if arr.size == 0:
@@ -450,37 +437,7 @@ def _finish(path: Path, image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|b'[^']*'")
-
-
-def _describe(exc: BaseException) -> str:
-    """Exception type and the library's own reason, every line of it (pydicom puts each decoding
-    plugin's cause on a line of its own), with quoted values replaced: a library may quote the
-    header value it choked on. Identifying values are also masked, as defence in depth."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    message = REGISTRY.mask(_QUOTED.sub("<value>", "; ".join(lines)))
-    if len(message) > 400:
-        message = message[:397] + "..."
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-
-
-class _NoPluginTracebacks(logging.Filter):
-    """pydicom logs a full traceback for every decoding plugin that fails on a file, without the
-    file's name (``LOGGER.exception``); the reader's own error keeps each plugin's cause and names
-    the file, so those records are dropped."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.exc_info is None
-
-
-def _quiet_pydicom_plugin_failures() -> None:
-    # a filter applies to records of its own logger only, not to a child's: name the one that logs
-    plugin_logger = logging.getLogger("pydicom.pixels.decoders.base")
-    if not any(isinstance(f, _NoPluginTracebacks) for f in plugin_logger.filters):
-        plugin_logger.addFilter(_NoPluginTracebacks())
-
-
-_quiet_pydicom_plugin_failures()
+quiet_pydicom_plugin_failures()
 # Every process that reads a DICOM header (ClientApp, simulation worker, hospital tools) masks the
 # header values it registered in every log record, whoever logs them.
 install_log_guard()

@@ -384,7 +384,7 @@ def test_a_decoding_failure_gives_each_plugins_cause_and_logs_no_traceback(
 
 
 def test_a_library_message_never_quotes_the_value_it_choked_on() -> None:
-    from common.data.dicom_reader import _describe
+    from common.data.read_failures import describe_failure as _describe
 
     described = _describe(ValueError("Invalid value for VR IS: '1A'\n  and \"SMITH^JOHN\" too"))
 
