@@ -17,6 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.config import FederationConfig
 from server.backbone_source import prepare_backbone
 from server.federation_loop import run_federation
+from server.run_report import format_round_line, write_federated_run_report
 
 logger = logging.getLogger(__name__)
 
@@ -50,4 +51,10 @@ def main(grid: Grid, context: Context) -> None:
     resume = bool(run_config.get("resume", False))
     backbone = prepare_backbone(config, cache_dir)
     logger.info("backbone %s (%s)", backbone.fingerprint[:12], backbone.source)
-    run_federation(grid, config, backbone, run_dir, resume=resume)
+
+    def report_round(record: dict[str, Any]) -> None:
+        logger.info("%s", format_round_line(record))
+        write_federated_run_report(run_dir)  # report.md and plots are current after every round
+
+    run_federation(grid, config, backbone, run_dir, resume=resume, on_round=report_round)
+    logger.info("report: %s", run_dir / "report.md")

@@ -15,7 +15,8 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.toml"
 def _simulate(args: argparse.Namespace) -> int:
     from common.data.partitioning import PartitionError
     from common.data.site_manifest import ManifestError
-    from simulations.experiment import format_table, run_experiment
+    from server.run_report import format_table
+    from simulations.experiment import run_experiment
     from simulations.preflight import PreflightRefused, check_sites, format_checks, refuse_unless_ready
     from simulations.simulate import RunFolderInUse, SimulationPlan, prepare_run_folder
     from simulations.site_sources import resolve_sites

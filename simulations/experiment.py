@@ -13,15 +13,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import statistics
 from pathlib import Path
 from typing import Any, Mapping
 
-from common.atomic_io import atomic_write_json, atomic_write_text
+from common.atomic_io import atomic_write_json
 from common.config import FederationConfig
 from server.backbone_source import prepare_backbone
-from server.report_plots import write_plots
+from server.run_report import (
+    SUMMARY_ROWS,
+    mean_balanced_accuracy,
+    privacy_summary,
+    comparison_targets,
+    write_report,
+)
 from simulations.baselines import (
     SiteResults,
     evaluate_federated_sites,
@@ -39,38 +44,7 @@ from simulations.site_use_report import format_site_use, site_use_section
 
 logger = logging.getLogger(__name__)
 
-SUMMARY_ROWS = (
-    "federated", "federated_no_dp", "local_linear_probe", "local_finetune", "pooled_ceiling",
-    "local", "pooled", "random_init",
-)
-ROW_LABELS = {
-    "federated": "federated, personal models, DP on",
-    "federated_no_dp": "federated, personal models, DP off",
-    "local_linear_probe": "local linear probe (each site alone, DP off)",
-    "local_finetune": "local fine-tuning (each site alone, DP off)",
-    "pooled_ceiling": "pooled ceiling (all sites' data in one place, DP off)",
-    "local": "local fine-tuning under the federation's DP budget",
-    "pooled": "pooled under DP",
-    "random_init": "federated, random init instead of pretrained",
-}
 PRIVACY_SWEEP = (1.0, 3.0, 8.0)
-
-
-def final_site_metrics(metrics: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Each site's metrics at the last round it was evaluated."""
-    latest: dict[str, dict[str, Any]] = {}
-    for record in metrics.get("rounds", []):
-        for site, row in record.get("sites", {}).items():
-            if isinstance(row.get("balanced_accuracy"), (int, float)):
-                latest[site] = row
-    return latest
-
-
-def mean_balanced_accuracy(per_site: Mapping[str, Mapping[str, Any]]) -> float | None:
-    """Unweighted mean over sites (every hospital counts once, whatever its size)."""
-    values = [float(row["balanced_accuracy"]) for row in per_site.values()
-              if isinstance(row.get("balanced_accuracy"), (int, float)) and not math.isnan(row["balanced_accuracy"])]
-    return sum(values) / len(values) if values else None
 
 
 def _with_config(plan: SimulationPlan, config: FederationConfig, folder: str, **changes: Any) -> SimulationPlan:
@@ -149,9 +123,8 @@ def _run_one_seed(plan: SimulationPlan, sites: dict[int, SiteSettings], *, basel
     for name in SUMMARY_ROWS:
         if name in per_variant:
             summary[name] = mean_balanced_accuracy(_snake(per_variant[name]))
-    summary.update(_targets(summary))
-    summary["privacy"] = {"unit": plan.config.privacy.unit, "target_epsilon": plan.config.privacy.target_epsilon,
-                          "max_delta": summary.get("max_delta"), "enabled": plan.config.privacy.enabled}
+    summary.update(comparison_targets(summary))
+    summary["privacy"] = privacy_summary(metrics.get("config", {}), summary)
     if sweep:
         summary["privacy_utility"] = sweep
     metrics["summary"] = summary
@@ -178,116 +151,13 @@ def _privacy_sweep(plan: SimulationPlan, sites: Mapping[int, Any],
     return points
 
 
-def _targets(summary: Mapping[str, Any]) -> dict[str, Any]:
-    """How the federated personal models compare with the best a site could do alone and the ceiling."""
-    alone = [summary.get(k) for k in ("local_linear_probe", "local_finetune") if isinstance(summary.get(k), float)]
-    ceiling = summary.get("pooled_ceiling")
-    if not alone:
-        return {}
-    best = max(alone)
-    out: dict[str, Any] = {"best_single_site": best}
-    for name in ("federated", "federated_no_dp"):
-        value = summary.get(name)
-        if not isinstance(value, float):
-            continue
-        out[f"{name}_gain_over_best_single_site"] = value - best
-        if isinstance(ceiling, float) and ceiling > best:
-            out[f"{name}_share_of_gap_to_ceiling"] = (value - best) / (ceiling - best)
-    return out
-
-
 def _write(plan: SimulationPlan, metrics: dict[str, Any]) -> None:
     atomic_write_json(plan.run_dir / "metrics.json", metrics)
-    summary = metrics["summary"]
-    references = {}
-    if isinstance(summary.get("best_single_site"), float):
-        references["best single site alone"] = summary["best_single_site"]
-    if isinstance(summary.get("pooled_ceiling"), float):
-        references["pooled ceiling"] = summary["pooled_ceiling"]
-    plots = write_plots(metrics, plan.run_dir / "plots", references=references)
-    atomic_write_text(plan.run_dir / "report.md", format_report(metrics, plots))
+    write_report(plan.run_dir, metrics, extra_lines=format_site_use(metrics))
 
 
 def _snake(rows: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     return {site: {key.replace("-", "_"): value for key, value in row.items()} for site, row in rows.items()}
-
-
-def _cell(row: Mapping[str, Any] | None) -> str:
-    if not row or not isinstance(row.get("balanced_accuracy"), (int, float)):
-        return "-"
-    low, high = row.get("ci_low"), row.get("ci_high")
-    if isinstance(low, (int, float)) and isinstance(high, (int, float)) and not math.isnan(low):
-        return f"{row['balanced_accuracy']:.3f} [{low:.2f}, {high:.2f}]"
-    return f"{row['balanced_accuracy']:.3f}"
-
-
-def format_table(metrics: Mapping[str, Any]) -> str:
-    """The headline table: mean per-site test balanced accuracy, and per site with its 95% interval."""
-    per_site = metrics.get("per_site_final", {})
-    summary = metrics.get("summary", {})
-    over_seeds = summary.get("over_seeds", {})
-    sites = sorted({site for rows in per_site.values() for site in rows})
-    header = "| setting | mean balanced acc. | " + " | ".join(sites) + " |"
-    lines = [header, "|" + "---|" * (len(sites) + 2)]
-    for name in SUMMARY_ROWS:
-        if name not in per_site:
-            continue
-        mean = summary.get(name)
-        shown = f"{mean:.3f}" if isinstance(mean, (int, float)) else "-"
-        if name in over_seeds:
-            spread = over_seeds[name]
-            shown += f" (over {spread['seeds']} seeds: {spread['mean']:.3f} ± {spread['sd']:.3f})"
-        cells = [_cell(per_site[name].get(site)) for site in sites]
-        lines.append(f"| {ROW_LABELS[name]} | {shown} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _format_delta(delta: Any) -> str:
-    return f"{delta:.3g}" if isinstance(delta, (int, float)) else "(not reported)"
-
-
-def format_report(metrics: Mapping[str, Any], plots: list[Path]) -> str:
-    config = metrics.get("config", {})
-    summary = metrics.get("summary", {})
-    backbone = metrics.get("backbone", {})
-    privacy = config.get("privacy", {})
-    unit = ("one patient (all of a patient's images)" if privacy.get("unit", "image") == "patient"
-            else "one image (a patient with k images: about k x epsilon)")
-    dp = (f"DP on: target epsilon {privacy.get('target_epsilon')} per site for the whole federation, "
-          f"unit of privacy {unit}, delta at most {_format_delta(summary.get('max_delta'))}"
-          if privacy.get("enabled") else "DP off")
-    lines = [
-        f"# fedtl report: {config.get('name', 'run')}",
-        "",
-        f"- model: {config.get('model', {}).get('architecture')} at {config.get('model', {}).get('image_size')} px, "
-        f"strategy {config.get('strategy', {}).get('name')}, {summary.get('rounds_completed')} round(s); {dp}",
-        f"- sites: {metrics.get('sites', 'synthetic hospitals')}",
-        f"- backbone: {backbone.get('source')} (fingerprint {str(backbone.get('fingerprint'))[:16]})",
-        f"- largest epsilon spent by a site: {summary.get('max_epsilon')}",
-        f"- bytes sent / received by the coordinator: {summary.get('total_bytes_sent')} / "
-        f"{summary.get('total_bytes_received')}; wall time {summary.get('total_wall_time_s', 0):.1f} s",
-        "",
-        "Mean per-site test balanced accuracy (each site's own held-out patients; every site counts once),",
-        "with each site's 95% bootstrap interval over its test patients. Every row ends with each site",
-        "fitting its own personal head (a class-balanced linear probe) on its own training patients.",
-        "",
-        format_table(metrics),
-        "",
-    ]
-    if isinstance(summary.get("best_single_site"), float):
-        gain = summary.get("federated_gain_over_best_single_site")
-        share = summary.get("federated_share_of_gap_to_ceiling")
-        lines.append(f"- best a site could do alone (the larger of linear probe and fine-tuning): "
-                     f"{summary['best_single_site']:.3f}; federated (DP on) "
-                     f"{'-' if gain is None else f'{gain:+.3f}'} against it"
-                     + (f", {share:.0%} of the way to the pooled ceiling" if isinstance(share, float) else ""))
-    sweep = summary.get("privacy_utility")
-    if sweep:
-        shown = ", ".join(f"{'DP off' if p['epsilon'] is None else 'epsilon ' + format(p['epsilon'], 'g')}: "
-                          f"{p['mean']:.3f}" for p in sweep if isinstance(p.get("mean"), (int, float)))
-        lines.append(f"- privacy-utility (federated personal models, mean): {shown}")
-    lines += ["", *format_site_use(metrics), "Plots: " + ", ".join(p.name for p in plots), ""]
-    return "\n".join(lines)
 
 
 def load_metrics(run_dir: Path) -> dict[str, Any]:

@@ -10,15 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
-from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from client.client_app import make_client_app
 from client.site_settings import SiteSettings
+from server.run_folder import RunFolderInUse, prepare_run_folder
+from server.run_report import format_round_line
 from server.server_app import make_server_app
 from simulations.simulation_plan import SimulationPlan
 from simulations.site_sources import resolve_sites, synthetic_sites
@@ -28,40 +28,6 @@ logger = logging.getLogger(__name__)
 
 class SimulationIncomplete(RuntimeError):
     """The simulated federation ended before its last round (the server app failed)."""
-
-
-class RunFolderInUse(RuntimeError):
-    """A new simulation was asked for in a folder that already holds a run."""
-
-
-_RUN_MARKERS = ("metrics.json", "metrics.csv", "checkpoints", "sites", "partition", "baselines", "variants")
-
-
-def prepare_run_folder(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """Make sure a new simulation does not inherit an old one's simulated hospitals.
-
-    The simulated hospitals keep their state (privacy ledger, local head, global layers) in
-    ``run_dir/sites``, exactly like real ones, so a second run in the same folder would start
-    with the first run's budget spent. ``--resume`` continues that run on purpose; otherwise the
-    folder must be new, or ``overwrite`` replaces it (only a folder that holds a fedtl run).
-
-    Raises:
-        RunFolderInUse: the folder holds a run and neither ``resume`` nor ``overwrite`` is set,
-            or ``overwrite`` is set for a folder that does not look like a fedtl run.
-    """
-    if resume or not run_dir.exists() or not any(run_dir.iterdir()):
-        return
-    if not any((run_dir / marker).exists() for marker in _RUN_MARKERS):
-        raise RunFolderInUse(
-            f"{run_dir} is not empty and holds no fedtl run; choose another folder with --out"
-        )
-    if not overwrite:
-        raise RunFolderInUse(
-            f"{run_dir} already holds a run, and its simulated hospitals have spent privacy budget there; "
-            "pass --resume to continue it, --overwrite to replace it, or --out for a new folder"
-        )
-    logger.info("replacing the earlier run in %s", run_dir)
-    shutil.rmtree(run_dir)
 
 
 def run_federated(plan: SimulationPlan, sites: dict[int, SiteSettings] | None = None) -> dict[str, Any]:
@@ -112,17 +78,6 @@ def run_federated(plan: SimulationPlan, sites: dict[int, SiteSettings] | None = 
         )
     logger.info("federation %s finished in %.1f s", plan.run_dir.name, time.perf_counter() - started)
     return metrics
-
-
-def format_round_line(record: dict[str, Any]) -> str:
-    """One line per round for the console table."""
-    cells = []
-    for site, row in sorted(record.get("sites", {}).items()):
-        bacc = row.get("balanced_accuracy")
-        eps = row.get("epsilon")
-        cells.append(f"{site}: bacc {bacc:.3f} eps {eps:.2f}" if isinstance(bacc, float) and isinstance(eps, float)
-                     else f"{site}: {row.get('status', '?')}")
-    return f"round {record['round']:>3} | {record.get('wall_time_s') or 0:6.1f} s | " + " | ".join(cells)
 
 
 __all__ = ["RunFolderInUse", "SimulationIncomplete", "SimulationPlan", "format_round_line", "prepare_run_folder",

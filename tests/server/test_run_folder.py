@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.simulate import RunFolderInUse, prepare_run_folder
+from server.run_folder import RunFolderInUse, prepare_run_folder
 
 
 def earlier_run(run_dir: Path) -> Path:

@@ -1,4 +1,5 @@
-"""The report compares the federation with what each site could do alone and with the pooled ceiling."""
+"""One report writer for real runs and simulations: it compares the federation with what each site could do alone
+and with the pooled ceiling, states the privacy guarantee, and prints one line per round."""
 
 from __future__ import annotations
 
@@ -6,7 +7,17 @@ import math
 
 import pytest
 
-from simulations.experiment import ROW_LABELS, SUMMARY_ROWS, _targets, format_report, format_table, mean_balanced_accuracy
+from server.run_report import (
+    ROW_LABELS,
+    SUMMARY_ROWS,
+    format_report,
+    format_round_line,
+    format_table,
+    mean_balanced_accuracy,
+    summarize_federated_run,
+    comparison_targets,
+    write_report,
+)
 
 
 def site(value: float, low: float, high: float) -> dict[str, float]:
@@ -37,15 +48,15 @@ def test_the_mean_counts_every_site_once_and_skips_missing_values() -> None:
 
 
 def test_targets_measure_the_gain_over_the_best_site_alone_and_the_share_of_the_gap_to_the_ceiling() -> None:
-    targets = _targets(METRICS["summary"])
-    assert targets["best_single_site"] == pytest.approx(0.85)
-    assert targets["federated_gain_over_best_single_site"] == pytest.approx(0.05)
-    assert targets["federated_share_of_gap_to_ceiling"] == pytest.approx(0.5)
+    found = comparison_targets(METRICS["summary"])
+    assert found["best_single_site"] == pytest.approx(0.85)
+    assert found["federated_gain_over_best_single_site"] == pytest.approx(0.05)
+    assert found["federated_share_of_gap_to_ceiling"] == pytest.approx(0.5)
 
 
 def test_a_ceiling_below_the_best_site_alone_gives_no_share() -> None:
-    targets = _targets({"federated": 0.9, "local_linear_probe": 0.85, "pooled_ceiling": 0.8})
-    assert "federated_share_of_gap_to_ceiling" not in targets
+    found = comparison_targets({"federated": 0.9, "local_linear_probe": 0.85, "pooled_ceiling": 0.8})
+    assert "federated_share_of_gap_to_ceiling" not in found
 
 
 def test_the_table_shows_each_sites_interval_and_the_spread_over_seeds() -> None:
@@ -53,7 +64,7 @@ def test_the_table_shows_each_sites_interval_and_the_spread_over_seeds() -> None
     federated = next(line for line in table.splitlines() if line.startswith(f"| {ROW_LABELS['federated']} |"))
     assert "0.800 [0.60, 0.95]" in federated
     assert "over 3 seeds: 0.880 ± 0.020" in federated
-    report = format_report({**METRICS, "summary": {**METRICS["summary"], **_targets(METRICS["summary"])}}, [])
+    report = format_report({**METRICS, "summary": {**METRICS["summary"], **comparison_targets(METRICS["summary"])}}, [])
     assert "unit of privacy one image" in report  # the configuration above predates the patient unit
     assert "+0.050 against it, 50% of the way to the pooled ceiling" in report
 
@@ -64,3 +75,47 @@ def test_the_report_states_the_unit_epsilon_and_delta_of_the_privacy_guarantee()
     assert "target epsilon 3.0 per site" in report
     assert "unit of privacy one patient (all of a patient's images)" in report
     assert "delta at most 8.1e-06" in report
+
+
+ROUND = {
+    "round": 3, "wall_time_s": 12.34, "bytes_sent": 2_500_000, "bytes_received": 1_200_000,
+    "sites": {
+        "north": {"status": "ok", "eval_status": "ok", "balanced_accuracy": 0.9, "epsilon": 2.5},
+        "south": {"status": "ok", "eval_status": "ok", "balanced_accuracy": 0.7, "epsilon": 3.25},
+        "east": {"status": "declined-budget", "eval_status": "ok", "balanced_accuracy": 0.5, "epsilon": 7.9},
+        "west": {"status": "no-reply", "eval_status": "no-reply"},
+    },
+    "dropped": [{"site": "south", "reason": "update norm 12.0 > 5 x median"},
+                {"site": "west", "reason": "no reply within 45 s"}],
+}
+
+
+def test_the_round_line_names_who_trained_declined_and_was_dropped_with_the_reason() -> None:
+    line = format_round_line(ROUND)
+    assert line.startswith("round   3 | 1 trained (north) | declined east (declined-budget) | dropped 2 [")
+    assert "south: update norm 12.0 > 5 x median" in line and "west: no reply within 45 s" in line
+    assert "mean balanced acc. 0.700" in line  # unweighted over the three sites that were evaluated
+    assert "max epsilon 7.90" in line and "2.5 MB out / 1.2 MB in" in line and line.endswith("12.3 s")
+
+
+def test_a_real_runs_rows_are_each_sites_last_evaluation_and_its_report_says_why_there_are_no_intervals(
+    tmp_path,
+) -> None:
+    metrics = {
+        "config": {"name": "real", "privacy": {"enabled": True, "target_epsilon": 8.0, "unit": "patient"}},
+        "rounds": [
+            {"round": 1, "sites": {"a": {"balanced_accuracy": 0.6}, "b": {"balanced_accuracy": 0.7}}, "dropped": []},
+            {"round": 2, "sites": {"a": {"balanced_accuracy": 0.8}, "b": {"status": "no-reply"}},
+             "dropped": [{"site": "b", "reason": "no reply within 45 s"}]},
+        ],
+        "summary": {"rounds_completed": 2, "max_delta": 1e-5},
+    }
+    summarize_federated_run(metrics)
+    assert metrics["summary"]["federated"] == pytest.approx(0.75)  # a: round 2, b: its last evaluation (round 1)
+    assert metrics["summary"]["privacy"] == {"unit": "patient", "target_epsilon": 8.0, "max_delta": 1e-5,
+                                             "enabled": True}
+    report = write_report(tmp_path, metrics).read_text()
+    assert "| federated, personal models, DP on | 0.750 | 0.800 | 0.700 |" in report
+    assert "no intervals: a site sends its test metrics, never per-patient results" in report
+    assert "- round 2, b: no reply within 45 s" in report
+    assert (tmp_path / "plots" / "balanced_accuracy.png").stat().st_size > 0
