@@ -30,89 +30,33 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from common.daemon_setup import FlowerNotInstalled, configure_logging
-from common.daemon_setup import flower_executable as installed_flower_executable
+from common.daemon_setup import configure_logging
 from server.ops.control_gate import GateSettings, build_gate_server
-from server.ops.federation_pki import FederationPki
+from server.ops.gate_limits import add_gate_limit_arguments, gate_limits_from_args
+from server.ops.coordinator_settings import (  # noqa: F401  (re-exported: the commands' shared settings)
+    DEFAULT_LINK_PORT,
+    DEFAULT_PKI_DIR,
+    DEFAULT_PUBLIC_PORT,
+    DEFAULT_STATE_DIR,
+    IN_MEMORY_DATABASE,
+    LOOPBACK,
+    PROFILE_NAME,
+    SUPERLINK_START_TIMEOUT_S,
+    SUPERLINK_STOP_TIMEOUT_S,
+    CoordinatorError,
+    CoordinatorSettings,
+    coordinator_env,
+    flower_executable,
+)
+from server.ops.run_command import submit_run  # noqa: F401  (re-exported for scripts and tests)
 
 logger = logging.getLogger(__name__)
 
-PROFILE_NAME = "fedtl-coordinator"
-LOOPBACK = "127.0.0.1"
-DEFAULT_PUBLIC_PORT = 9092
-DEFAULT_LINK_PORT = 9093
-DEFAULT_STATE_DIR = Path("/var/lib/fedtl-coordinator")
-DEFAULT_PKI_DIR = Path("/etc/fedtl/pki")
-IN_MEMORY_DATABASE = ":flwr-in-memory:"
-SUPERLINK_START_TIMEOUT_S = 60.0
-SUPERLINK_STOP_TIMEOUT_S = 10.0
 _ALREADY_REGISTERED = re.compile(r"already in use", re.IGNORECASE)
-
-
-class CoordinatorError(RuntimeError):
-    """The coordinator cannot do what was asked; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class CoordinatorSettings:
-    """Everything ``fedtl-coordinator`` needs to know about one coordinator installation.
-
-    pki_dir : directory written by ``init-pki`` (ca.crt, server.crt, server.key, hospitals/*.pub).
-    state_dir : the coordinator's own state (SuperLink database, FLWR_HOME, logs).
-    public_host / public_port : where hospitals connect (the gate); ``0.0.0.0`` for every interface.
-    link_port : loopback port of the SuperLink itself (Fleet + Control + Runtime APIs).
-    database : SuperLink state file; ``None`` means ``STATE_DIR/superlink.db`` (runs and registered
-        nodes survive a restart), ``":flwr-in-memory:"`` keeps nothing.
-    """
-
-    pki_dir: Path = DEFAULT_PKI_DIR
-    state_dir: Path = DEFAULT_STATE_DIR
-    public_host: str = "0.0.0.0"
-    public_port: int = DEFAULT_PUBLIC_PORT
-    link_port: int = DEFAULT_LINK_PORT
-    database: str | None = None
-    extra_env: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def pki(self) -> FederationPki:
-        return FederationPki(self.pki_dir)
-
-    @property
-    def flwr_home(self) -> Path:
-        return self.state_dir / "flwr-home"
-
-    @property
-    def link_address(self) -> str:
-        return f"{LOOPBACK}:{self.link_port}"
-
-    @property
-    def database_path(self) -> str:
-        return self.database or str(self.state_dir / "superlink.db")
-
-
-def flower_executable(name: str) -> str:
-    """Path of a Flower console script installed next to this Python (the pinned flwr)."""
-    try:
-        return installed_flower_executable(name)
-    except FlowerNotInstalled as exc:
-        raise CoordinatorError(str(exc)) from None
-
-
-def coordinator_env(settings: CoordinatorSettings, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for every Flower process of the coordinator: own FLWR_HOME, no telemetry, no update
-    check, no runtime dependency installation."""
-    env = dict(os.environ if base is None else base)
-    env["FLWR_HOME"] = str(settings.flwr_home)
-    env["FLWR_TELEMETRY_ENABLED"] = "0"
-    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"  # Flower 1.41 otherwise calls its update-check URL at start
-    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.update(settings.extra_env)
-    return env
 
 
 def superlink_command(settings: CoordinatorSettings) -> list[str]:
@@ -235,67 +179,6 @@ def register_public_keys(settings: CoordinatorSettings, public_keys: Sequence[Pa
     return results
 
 
-def submit_run(
-    settings: CoordinatorSettings,
-    app_dir: Path,
-    run_config: Sequence[str] = (),
-    stream: bool = False,
-) -> int:
-    """Submit the Flower app in ``app_dir`` through the loopback profile; return its run id.
-
-    With ``stream`` the run's logs follow on stdout until it ends (``flwr run --stream``), and
-    the return value is the run id printed when the run was accepted.
-    """
-    if not (settings.flwr_home / "config.toml").exists():
-        raise CoordinatorError(
-            f"no connection profile in {settings.flwr_home}; runs can only be started on the coordinator "
-            f"machine after 'fedtl-coordinator start --state-dir {settings.state_dir}'"
-        )
-    command = [flower_executable("flwr"), "run", str(Path(app_dir).resolve()), PROFILE_NAME]
-    for item in run_config:
-        command += ["--run-config", item]
-    env = coordinator_env(settings)
-    if stream:
-        command.append("--stream")
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
-        assert proc.stdout is not None
-        run_id: int | None = None
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            match = re.search(r"started run (\d+)", line)
-            if match and run_id is None:
-                run_id = int(match.group(1))
-        if proc.wait() != 0 or run_id is None:
-            raise CoordinatorError(f"flwr run failed (exit code {proc.returncode}); see the output above")
-        return run_id
-    command += ["--format", "json"]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    payload = _last_json_object(proc.stdout)
-    if proc.returncode != 0 or not payload or not payload.get("success"):
-        raise CoordinatorError(
-            f"flwr run refused the app in {app_dir} (exit code {proc.returncode}): "
-            f"{(proc.stdout + proc.stderr).strip()[-2000:]}"
-        )
-    return int(payload["run-id"])
-
-
-def _last_json_object(text: str) -> dict[str, object] | None:
-    for line in reversed(text.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(value, dict):
-                return value
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
 class _Shutdown(Exception):
     """Raised by the SIGTERM handler so that ``serve`` stops the SuperLink on its way out."""
 
@@ -304,11 +187,20 @@ def _raise_shutdown(signum: int, frame: FrameType | None) -> None:
     raise _Shutdown(signal.Signals(signum).name)
 
 
+def _record_installation(settings: CoordinatorSettings) -> None:
+    """``STATE_DIR/coordinator.json``: where this coordinator's PKI is (``revoke`` retires keys there)."""
+    document = {"pki_dir": str(settings.pki_dir.resolve()), "public_port": settings.public_port,
+                "link_port": settings.link_port}
+    path = settings.state_dir / "coordinator.json"
+    path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+
+
 def serve(settings: CoordinatorSettings) -> int:
     """Run the coordinator until SIGTERM/SIGINT or until the SuperLink dies; return an exit code."""
     _check_pki(settings)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(settings.state_dir, 0o700)
+    _record_installation(settings)
     signal.signal(signal.SIGTERM, _raise_shutdown)
     env = coordinator_env(settings)
     command = superlink_command(settings)
@@ -340,7 +232,7 @@ def serve(settings: CoordinatorSettings) -> int:
 def _run_gate(settings: CoordinatorSettings, superlink: subprocess.Popen[bytes]) -> int:
     pki = settings.pki
     gate = build_gate_server(
-        GateSettings(upstream=f"https://{settings.link_address}", ca_cert=pki.ca_cert),
+        GateSettings(upstream=f"https://{settings.link_address}", ca_cert=pki.ca_cert, limits=settings.gate_limits),
         host=settings.public_host,
         port=settings.public_port,
         server_cert=pki.server_cert,
@@ -400,17 +292,62 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"SuperLink state file (default STATE_DIR/superlink.db; '{IN_MEMORY_DATABASE}' keeps nothing)",
     )
+    add_gate_limit_arguments(start)
 
     register = sub.add_parser("register", help="register hospital public keys (NAME.pub) with the running SuperLink")
     add_state_dir(register)
     register.add_argument("public_keys", nargs="+", type=Path, help="OpenSSH EC public key files")
 
-    run = sub.add_parser("run", help="submit a Flower app (a directory with pyproject.toml) as a new run")
+    run = sub.add_parser(
+        "run",
+        help="start a federation run and follow it to its end (one line per round, then the results)",
+        description="Start a run on this coordinator and follow it: one line per completed round, then the "
+        "results folder and the headline table. Exit code 0 when every round completed, 1 when the run failed "
+        "or stopped early, 3 when the SuperLink stopped answering.",
+    )
     add_state_dir(run)
-    run.add_argument("app_dir", type=Path, nargs="?", default=Path("."), help="app directory (default: .)")
-    run.add_argument("--run-config", action="append", default=[], help="'key=value' override (repeatable)")
-    run.add_argument("--stream", action="store_true", help="follow the run's logs until it ends")
+    run.add_argument("--config", type=Path, help="the federation's TOML file (see simulations/configs/demo.toml)")
+    run.add_argument("--out", type=Path, help="results folder (report.md, metrics, plots, checkpoints); new "
+                     "unless --resume or --overwrite")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    run.add_argument("--overwrite", action="store_true", help="replace the earlier run in --out")
+    run.add_argument("--cache-dir", type=Path, default=None,
+                     help="where the backbone is prepared and kept (default STATE_DIR/cache)")
+    run.add_argument("--app-dir", type=Path, default=None,
+                     help="the Flower app to submit (default: this fedtl installation)")
+    run.add_argument("app_dir_positional", type=Path, nargs="?", default=None, metavar="APP_DIR",
+                     help="without --config: submit this Flower app as it is (e.g. tests/deploy/fixture_app)")
+    run.add_argument("--run-config", action="append", default=[],
+                     help="another 'key=value' run-config entry, TOML values (strings quoted); repeatable")
+    run.add_argument("--detach", action="store_true", help="return once the run is submitted")
+
+    hospitals = sub.add_parser("hospitals", help="list the hospitals: name, node id, online, last seen, last epsilon")
+    add_state_dir(hospitals)
+    hospitals.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    revoke = sub.add_parser("revoke", help="unregister a hospital's key: its next connection is refused")
+    add_state_dir(revoke)
+    revoke.add_argument("name", help="the hospital's name, as 'fedtl-coordinator hospitals' lists it")
+    revoke.add_argument("--pki", type=Path, default=None,
+                        help="PKI directory whose hospitals/NAME.pub is retired (default: the one 'start' used)")
     return parser
+
+
+def _run(settings: CoordinatorSettings, args: argparse.Namespace) -> int:
+    from server.ops.run_command import prepare_request, run_federation_command
+
+    if args.config is None:
+        if args.out is not None or args.resume or args.overwrite:
+            raise CoordinatorError("--out, --resume and --overwrite need --config FILE.toml")
+        app = args.app_dir or args.app_dir_positional
+        return run_federation_command(settings, None, app_dir=app, raw_run_config=args.run_config,
+                                      detach=args.detach)
+    if args.out is None:
+        raise CoordinatorError("--config needs --out DIR: the folder for the report, metrics, plots and checkpoints")
+    request = prepare_request(settings, args.config, args.out, resume=args.resume, overwrite=args.overwrite,
+                              cache_dir=args.cache_dir, app_dir=args.app_dir or args.app_dir_positional,
+                              extra=args.run_config)
+    return run_federation_command(settings, request, detach=args.detach)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -431,15 +368,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                 public_port=args.public_port,
                 link_port=args.link_port,
                 database=args.database,
+                gate_limits=gate_limits_from_args(args),
             )
             return serve(settings)
         settings = CoordinatorSettings(state_dir=args.state_dir)
         if args.command == "register":
             results = register_public_keys(settings, args.public_keys)
             return 0 if all(r.registered for r in results) else 1
-        run_id = submit_run(settings, args.app_dir, args.run_config, args.stream)
-        print(f"run {run_id} submitted")
-        return 0
+        if args.command == "hospitals":
+            from server.ops.hospital_registry import format_hospitals, hospitals_json, list_hospitals
+
+            entries = list_hospitals(settings)
+            print(hospitals_json(entries) if args.json else format_hospitals(entries))
+            return 0
+        if args.command == "revoke":
+            from server.ops.hospital_registry import revoke_hospital
+
+            entry = revoke_hospital(settings, args.name, args.pki)
+            print(f"revoked {entry.name} (node {entry.node_id}): now {entry.status}; its next connection is refused")
+            return 0
+        return _run(settings, args)
     except CoordinatorError as exc:
         logger.error("%s", exc)
         return 1

@@ -29,12 +29,49 @@ def foreign_pki(tmp_path_factory: pytest.TempPathFactory):
     return init_pki(tmp_path_factory.mktemp("foreign-pki"), hospitals=["intruder"])
 
 
-def test_run_over_tls_with_registered_hospitals_completes(federation: LoopbackFederation) -> None:
-    run_id = federation.submit_fixture_run()
+def coordinator_command(federation: LoopbackFederation, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    """``fedtl-coordinator ARGS --state-dir STATE`` as the operator types it on the coordinator machine."""
+    return subprocess.run(
+        [sys.executable, "-m", "server.ops.coordinator_service", *args, "--state-dir", str(federation.coordinator.state_dir)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s,
+    )
 
-    status = federation.wait_for_run(run_id, timeout_s=60)
 
-    assert status == "finished:completed", f"run {run_id} ended {status}; logs in {federation.supervisor.log_dir}"
+def test_run_over_tls_with_registered_hospitals_is_followed_to_its_end_and_exits_zero(
+    federation: LoopbackFederation,
+) -> None:
+    result = coordinator_command(federation, "run", str(FIXTURE_APP))
+
+    assert result.returncode == 0, f"{result.stdout}{result.stderr}; logs in {federation.supervisor.log_dir}"
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("run ") and lines[0].endswith(" submitted")
+    assert lines[-1].endswith(": finished:completed")  # it returned when the run had ended, not before
+
+
+def test_a_run_that_fails_exits_non_zero_with_flowers_reason(federation: LoopbackFederation) -> None:
+    result = coordinator_command(
+        federation, "run", str(FIXTURE_APP), "--run-config", "expected-nodes=4", "--run-config", "wait-for-nodes-s=1.0"
+    )
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "finished:failed" in result.stdout
+    assert "flwr log" in result.stdout  # and where the coordinator's log is
+
+
+def test_hospitals_lists_each_hospital_by_name_with_its_node_id_and_that_it_is_online(
+    federation: LoopbackFederation,
+) -> None:
+    result = coordinator_command(federation, "hospitals", "--json")
+    table = coordinator_command(federation, "hospitals")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    entries = {entry["name"]: entry for entry in json.loads(result.stdout)}
+    assert set(entries) == {"h1", "h2", "h3"}
+    for name, entry in entries.items():
+        assert entry["node_id"] == federation.node_id(name)
+        assert entry["online"] and entry["status"] == "online" and entry["last_seen"]
+    assert table.stdout.splitlines()[0].split()[:3] == ["hospital", "node", "id"]
+    assert any(line.startswith("h2 ") and " yes " in line for line in table.stdout.splitlines())
 
 
 def test_hospital_health_reports_connected_site(federation: LoopbackFederation) -> None:
@@ -127,3 +164,22 @@ def test_gate_answers_403_to_everything_but_the_fleet_api(federation: LoopbackFe
 
     assert refused.status_code == 403
     assert health.status_code == 200
+
+
+def test_a_revoked_hospital_is_refused_when_it_connects_again_and_stays_revoked(federation: LoopbackFederation) -> None:
+    """Last in the module: it takes h3 out of the federation for good."""
+    result = coordinator_command(federation, "revoke", "h3")
+    federation.kill_hospital("h3")
+    again = federation.start_hospital("h3", max_retries=1)
+    exit_code = again.wait_for_exit(timeout_s=150)  # a daemon may retry through Flower's heartbeat window
+    listed = {entry["name"]: entry for entry in json.loads(coordinator_command(federation, "hospitals", "--json").stdout)}
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "revoked h3" in result.stdout
+    assert exit_code not in (None, 0), f"a revoked hospital was let back in:\n{again.output()[-2000:]}"
+    assert "SuperNode ID" not in again.output()
+    assert listed["h3"]["status"] == "unregistered" and not listed["h3"]["online"]
+    assert listed["h1"]["online"] and listed["h2"]["online"]
+    # A restarted coordinator registers every hospitals/*.pub again: the revoked key is no longer there.
+    assert not federation.pki.hospital_public_key("h3").exists()
+    assert (federation.pki.root / "hospitals-revoked" / "h3.pub").exists()
