@@ -114,6 +114,12 @@ class StrategyConfig(_Section):
     norm_outlier_factor: float = Field(
         10.0, gt=1, description="drop an update whose norm exceeds this many times the median"
     )
+    update_clipping: Literal["auto", "median", "off"] = Field(
+        "auto",
+        description="shorten each update whose norm exceeds update_clip_factor x the round's median norm, so "
+        "that no single site steers the global layers: 'auto' from 4 usable updates, 'median' always, 'off' never",
+    )
+    update_clip_factor: float = Field(1.0, ge=1, description="the clip norm as a multiple of the median update norm")
 
 
 class TrainingConfig(_Section):

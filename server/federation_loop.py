@@ -40,6 +40,7 @@ from server.reply_validation import (
     validate_evaluate_message,
     validate_train_message,
 )
+from server.update_clipping import clip_to_median, clipping_applies
 from server.run_recorder import RunRecorder
 
 logger = logging.getLogger(__name__)
@@ -132,6 +133,12 @@ def run_federation(grid: Grid, config: FederationConfig, backbone: PreparedBackb
             for node_key, reason in outliers.items():
                 updates.pop(int(node_key))
                 _drop(recorder, server_round, names.of(int(node_key)), reason)
+        if clipping_applies(config.strategy, len(updates)):
+            clipped_weights, clipped = clip_to_median({str(n): u[0] for n, u in updates.items()}, global_shared,
+                                                      config.strategy.update_clip_factor)
+            updates = {n: (clipped_weights[str(n)], count) for n, (_, count) in updates.items()}
+            for item in clipped:
+                recorder.record_clipped(server_round, names.of(int(item.site)), item.norm, item.limit)
         if len(updates) >= config.strategy.min_sites:
             global_shared = broadcast.publish(aggregator.aggregate(global_shared, in_site_order(updates, names)))
         else:

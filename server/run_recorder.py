@@ -146,6 +146,10 @@ class RunRecorder:
             name = _field_name(key)
             entry["eval_num_examples" if name == "num_examples" else name] = _clean(value)
 
+    def record_clipped(self, server_round: int, site: str, norm: float, limit: float) -> None:
+        """Note that ``site``'s update was shortened from ``norm`` to ``limit`` before aggregation."""
+        self._round(server_round)["clipped"].append({"site": site, "norm": float(norm), "limit": float(limit)})
+
     def record_dropped(self, server_round: int, site: str, reason: str) -> None:
         """Note that ``site``'s update was not used this round, and why."""
         self._round(server_round)["dropped"].append({"site": site, "reason": reason})
@@ -194,6 +198,7 @@ class RunRecorder:
                 "sites": {},
                 "aggregate": {},
                 "dropped": [],
+                "clipped": [],
             }
         return self._open[server_round]
 

@@ -119,6 +119,7 @@ def format_round_line(record: Mapping[str, Any]) -> str:
         f"{len(trained)} trained" + (f" ({', '.join(trained)})" if trained else ""),
         f"declined {', '.join(declined)}" if declined else "none declined",
         f"dropped {len(dropped)}" + (f" [{'; '.join(dropped)}]" if dropped else ""),
+        *([f"clipped {', '.join(str(c.get('site')) for c in record['clipped'])}"] if record.get("clipped") else []),
         f"mean balanced acc. {mean:.3f}" if mean is not None else "mean balanced acc. -",
         f"max epsilon {max(epsilons):.2f}" if epsilons else "max epsilon -",
         f"{_megabytes(sent)} out / {_megabytes(received)} in",
@@ -141,6 +142,12 @@ def _cell(row: Mapping[str, Any] | None) -> str:
     return f"{row['balanced_accuracy']:.3f}"
 
 
+def _row_label(name: str, metrics: Mapping[str, Any]) -> str:
+    if name == "federated" and not metrics.get("config", {}).get("privacy", {}).get("enabled", True):
+        return "federated, personal models, DP off"  # the headline run itself had DP off
+    return ROW_LABELS[name]
+
+
 def format_table(metrics: Mapping[str, Any]) -> str:
     """The headline table: mean per-site test balanced accuracy, and per site with its 95% interval."""
     per_site = metrics.get("per_site_final", {})
@@ -158,7 +165,7 @@ def format_table(metrics: Mapping[str, Any]) -> str:
             spread = over_seeds[name]
             shown += f" (over {spread['seeds']} seeds: {spread['mean']:.3f} ± {spread['sd']:.3f})"
         cells = [_cell(per_site[name].get(site)) for site in sites]
-        lines.append(f"| {ROW_LABELS[name]} | {shown} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_row_label(name, metrics)} | {shown} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
