@@ -70,6 +70,23 @@ def _quality_report(args: argparse.Namespace) -> int:
     return int(quality_main([str(args.manifest), *args.extra]) or 0)
 
 
+def _synthetic_hospitals(args: argparse.Namespace) -> int:
+    from common.data.synthetic_hospitals import generate_federation
+
+    names = [name.strip() for name in args.names.split(",") if name.strip()]
+    sizes = [args.images] * len(names) if args.images else None
+    manifests = generate_federation(args.out, len(names), seed=args.seed, image_size=args.image_size,
+                                    site_sizes=sizes)
+    for name, manifest in zip(names, manifests):
+        target = manifest.parent.with_name(name)
+        if target.exists():
+            print(f"error: {target} exists; choose another --out", file=sys.stderr)
+            return 2
+        manifest.parent.rename(target)
+        print(f"{name}: {target / manifest.name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedtl", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -100,6 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also run the federation at epsilon 1 and 3 (two more federations) for the "
                           "privacy-utility plot")
     simulate.set_defaults(handler=_simulate)
+
+    synthetic = sub.add_parser("synthetic-hospitals", help="write synthetic hospitals (DICOM files + manifest.csv "
+                               "per site) to try a real federation before the real data is in place")
+    synthetic.add_argument("--out", type=Path, required=True, help="parent folder: one sub-folder per hospital")
+    synthetic.add_argument("--names", default="north,south,east", help="comma-separated hospital names")
+    synthetic.add_argument("--image-size", type=int, default=64)
+    synthetic.add_argument("--images", type=int, default=None,
+                           help="images per hospital (default: sizes that differ per site, 40 to 400)")
+    synthetic.add_argument("--seed", type=int, default=0)
+    synthetic.set_defaults(handler=_synthetic_hospitals)
 
     quality = sub.add_parser("quality-report", help="a site's data-quality report (stays on this machine)")
     quality.add_argument("manifest", type=Path)

@@ -100,3 +100,12 @@ def test_compose_coordinator_publishes_only_the_fleet_gate() -> None:
 
 def test_deploy_is_not_a_python_package() -> None:
     assert not (DEPLOY / "__init__.py").exists()
+
+
+def test_the_example_federation_toml_is_a_valid_coordinator_config_with_dp_on() -> None:
+    from common.config import FederationConfig
+
+    config = FederationConfig.from_toml(DEPLOY / "federation.toml")
+
+    assert config.privacy.enabled and config.privacy.unit == "patient"
+    assert config.model.class_names == ["normal", "finding"]
