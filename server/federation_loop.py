@@ -213,7 +213,8 @@ def _exchange(grid: Grid, contents: dict[int, RecordDict], message_type: str, se
     messages = []
     for node, content in contents.items():
         traffic.add_sent(node, content)
-        messages.append(grid.create_message(content, message_type, node, str(server_round)))
+        messages.append(Message(content=content, dst_node_id=node, message_type=message_type,
+                                group_id=str(server_round)))
     replies: dict[int, Message] = {}
     received = list(grid.send_and_receive(messages, timeout=timeout))
     # File each reply under the site it was sent to: an error the SuperLink makes itself (node
