@@ -213,3 +213,24 @@ def test_the_largest_forwarded_body_per_fleet_call_is_recorded_for_the_shutdown_
 def test_caps_that_would_break_the_federation_or_make_no_sense_are_refused_by_name(limits: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=next(iter(limits))):
         GateLimits(**limits)
+
+
+def test_a_flood_of_refusals_is_logged_as_a_burst_then_counted_not_line_by_line(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from server.ops import control_gate
+
+    clock = [1000.0]
+    monkeypatch.setattr(control_gate.time, "monotonic", lambda: clock[0])
+    refusals = control_gate._RefusalLog()
+
+    with caplog.at_level("WARNING", logger="server.ops.control_gate"):
+        for _ in range(control_gate.REFUSAL_LOG_BURST + 30):
+            refusals.warning("refused %s", "x")
+        clock[0] += control_gate.REFUSAL_LOG_WINDOW_S
+        refusals.warning("refused %s", "y")
+
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages.count("refused x") == control_gate.REFUSAL_LOG_BURST
+    assert "30 more refusals in the last 10 s not logged one by one" in messages
+    assert messages[-1] == "refused y"
