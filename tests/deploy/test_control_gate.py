@@ -234,3 +234,27 @@ def test_a_flood_of_refusals_is_logged_as_a_burst_then_counted_not_line_by_line(
     assert messages.count("refused x") == control_gate.REFUSAL_LOG_BURST
     assert "30 more refusals in the last 10 s not logged one by one" in messages
     assert messages[-1] == "refused y"
+
+
+def test_start_flags_set_the_gate_caps_and_the_defaults_are_the_documented_ones() -> None:
+    from server.ops.coordinator_service import build_parser
+    from server.ops.gate_limits import gate_limits_from_args
+
+    defaults = gate_limits_from_args(build_parser().parse_args(["start"]))
+    chosen = gate_limits_from_args(build_parser().parse_args([
+        "start", "--max-request-mb", "16", "--max-connections", "4096", "--max-forwards", "64",
+        "--idle-timeout-s", "30", "--body-timeout-s", "300",
+    ]))
+
+    assert defaults == GateLimits() and defaults.max_request_bytes == 8 * MIB
+    assert chosen == GateLimits(max_request_bytes=16 * MIB, max_connections=4096, max_forwards=64,
+                                idle_timeout_s=30.0, body_timeout_s=300.0)
+
+
+def test_a_cap_below_one_flower_array_chunk_is_refused_at_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from server.ops.coordinator_service import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["start", "--max-request-mb", "4"])
+
+    assert "--max-request-mb" in capsys.readouterr().err
