@@ -1,18 +1,27 @@
 """One command that turns a hospital machine into a federation member: ``fedtl-hospital start``.
 
-It checks the site's files, writes the node config, records what it started in
-``STATE_DIR/supernode.json`` (read by ``fedtl-hospital health``) and then *becomes*
-``flower-supernode`` (``exec``), so systemd or Docker signal the SuperNode directly:
+It checks the site's files, writes the node config, then starts and supervises
+(:mod:`client.site_supervisor`) the site's two processes:
 
     flower-supernode --superlink HOST:PORT --root-certificates CA --auth-supernode-private-key KEY
                      --node-config STATE_DIR/node-config.toml --host 127.0.0.1 --port RUNTIME_PORT
-                     [--max-retries N] [--max-wait-time S]
+                     --isolation process [--max-retries N] [--max-wait-time S]
+    python -m client.clientapp_worker --runtime-api-address 127.0.0.1:RUNTIME_PORT
 
-with ``FLWR_TELEMETRY_ENABLED=0``, ``FLWR_DISABLE_UPDATE_CHECK=1`` and ``FLWR_HOME=STATE_DIR/flwr-home``. The node config carries
-``manifest``, ``state-dir``, ``site-name`` and ``device`` (what :mod:`client.site_settings` reads);
-it is passed as a TOML file, so paths with spaces or quotes survive. The SuperNode's own Runtime
-API (where the ClientApp process fetches its work) listens on loopback only, on a port chosen per
-site. Runtime dependency installation stays off (the SuperNode default): sites are offline.
+with ``FLWR_TELEMETRY_ENABLED=0``, ``FLWR_DISABLE_UPDATE_CHECK=1`` and ``FLWR_HOME=STATE_DIR/flwr-home``.
+The worker (:mod:`client.clientapp_worker`) is one long-lived ClientApp process that serves every
+message, so torch is imported once and the site session stays open between messages;
+``--clientapp per-message`` keeps Flower's default instead (``--isolation subprocess``: the SuperNode
+starts a fresh ``flwr-clientapp`` process for every message). The daemon records what runs in
+``STATE_DIR/supernode.json`` (read by ``fedtl-hospital health``) and, while the site is connected,
+when it last was: a restart right after a crash is let in again by itself once Flower's heartbeat
+window has passed, a refused key stops the site with exit code 1 (:mod:`client.rejoin_policy`).
+
+The node config carries ``manifest``, ``state-dir``, ``site-name`` and ``device`` (what
+:mod:`client.site_settings` reads); it is passed as a TOML file, so paths with spaces or quotes
+survive. The SuperNode's own Runtime API (where the ClientApp fetches its work) listens on loopback
+only, on a port chosen per site. Runtime dependency installation stays off (the SuperNode default):
+sites are offline.
 
 What leaves the site: only the Fleet API calls to the coordinator (TLS, signed with the site's key).
 """
@@ -26,20 +35,22 @@ import os
 import socket
 import stat
 import sys
-import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from client.supernode_record import DAEMON_RECORD, key_identity
 from common.daemon_setup import FlowerNotInstalled, configure_logging, flower_executable
 from common.data.memory_budget import STORAGE_CHOICES
-from client.supernode_record import DAEMON_RECORD
 from common.wire_contract import EVALUATION_METRICS_SETTINGS
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_RUNTIME_PORT = 9094
 NODE_CONFIG_FILE = "node-config.toml"
+CLIENTAPP_WARM = "warm"
+CLIENTAPP_PER_MESSAGE = "per-message"
+CLIENTAPP_MODES = (CLIENTAPP_WARM, CLIENTAPP_PER_MESSAGE)
 
 
 class HospitalSetupError(ValueError):
@@ -64,6 +75,8 @@ class HospitalSettings:
     runtime_port : loopback port of the SuperNode's Runtime API; must differ between sites that
         share a machine; ``0`` picks a free one at start.
     max_retries / max_wait_time : reconnection limits; ``None`` retries forever (Flower's default).
+    clientapp : ``warm`` (one long-lived ClientApp process, :mod:`client.clientapp_worker`) or
+        ``per-message`` (Flower's default: a fresh ClientApp process for every message).
     """
 
     superlink: str
@@ -78,6 +91,7 @@ class HospitalSettings:
     runtime_port: int = DEFAULT_RUNTIME_PORT
     max_retries: int | None = None
     max_wait_time: float | None = None
+    clientapp: str = CLIENTAPP_WARM
 
     @property
     def flwr_home(self) -> Path:
@@ -156,11 +170,18 @@ def supernode_command(settings: HospitalSettings, runtime_port: int) -> list[str
         "--port",
         str(runtime_port),
     ]
+    if settings.clientapp == CLIENTAPP_WARM:
+        command += ["--isolation", "process"]  # the daemon's ClientApp worker claims the tasks
     if settings.max_retries is not None:
         command += ["--max-retries", str(settings.max_retries)]
     if settings.max_wait_time is not None:
         command += ["--max-wait-time", str(settings.max_wait_time)]
     return command
+
+
+def worker_command(runtime_port: int) -> list[str]:
+    """The ClientApp worker's command line (:mod:`client.clientapp_worker`), this Python."""
+    return [sys.executable, "-m", "client.clientapp_worker", "--runtime-api-address", f"127.0.0.1:{runtime_port}"]
 
 
 def supernode_env(settings: HospitalSettings, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -194,25 +215,40 @@ def prepare_site(settings: HospitalSettings) -> list[str]:
     return supernode_command(settings, pick_runtime_port(settings.runtime_port))
 
 
-def write_daemon_record(settings: HospitalSettings, command: list[str]) -> None:
-    """Record what runs for ``fedtl-hospital health``: this pid (which ``exec`` hands to the SuperNode)."""
-    record = {
-        "pid": os.getpid(),
-        "started_at": time.time(),
+def start(settings: HospitalSettings, extra_node_config: Mapping[str, str] | None = None) -> int:
+    """Prepare the site, run the SuperNode (and the ClientApp worker) until SIGTERM or a final failure;
+    return the daemon's exit code (0 after a stop signal, 1 for a refused key or a dead SuperNode).
+
+    extra_node_config : more node-config keys for the ClientApp (a Python-only door for test apps;
+        the command line has none).
+    """
+    from client.site_supervisor import SiteProcesses, supervise
+
+    command = prepare_site(settings)
+    if extra_node_config:
+        with settings.node_config_path.open("a", encoding="utf-8") as node_config:
+            for config_key, value in extra_node_config.items():
+                node_config.write(f"{json.dumps(config_key)} = {json.dumps(value)}\n")
+    runtime_port = int(command[command.index("--port") + 1])
+    worker = worker_command(runtime_port) if settings.clientapp == CLIENTAPP_WARM else None
+    record_base = {
         "command": command,
+        "worker_command": worker,
         **{key: str(value.resolve() if isinstance(value, Path) else value) for key, value in asdict(settings).items()},
     }
-    _write_text(settings.record_path, json.dumps(record, indent=2))
-
-
-def start(settings: HospitalSettings) -> None:
-    """Prepare the site and replace this process with ``flower-supernode`` (does not return)."""
-    command = prepare_site(settings)
-    write_daemon_record(settings, command)
     logger.info("site %s joins %s: %s", settings.site_name, settings.superlink, " ".join(command))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(command[0], command, supernode_env(settings))
+    if worker is not None:
+        logger.info("site %s runs its ClientApp in one long-lived process: %s", settings.site_name, " ".join(worker))
+    processes = SiteProcesses(
+        supernode=command,
+        worker=worker,
+        env=supernode_env(settings),
+        record_path=settings.record_path,
+        record_base=record_base,
+        superlink=settings.superlink,
+        key_id=key_identity(settings.private_key),
+    )
+    return supervise(processes)
 
 
 def _supernode_executable() -> str:
@@ -259,6 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_RUNTIME_PORT,
         help=f"loopback port of the SuperNode Runtime API (default {DEFAULT_RUNTIME_PORT}; 0 = any free port)",
     )
+    parser.add_argument(
+        "--clientapp",
+        default=CLIENTAPP_WARM,
+        choices=CLIENTAPP_MODES,
+        help="'warm' (default): one long-lived ClientApp process serves every message (torch imported once, "
+        "the site session kept open); 'per-message': Flower's default, a fresh ClientApp process per message",
+    )
     parser.add_argument("--max-retries", type=int, default=None, help="give up after N reconnection attempts")
     parser.add_argument("--max-wait-time", type=float, default=None, help="give up reconnecting after S seconds")
     parser.add_argument("--print-command", action="store_true", help="print the SuperNode command and exit")
@@ -266,8 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``fedtl-hospital start ...`` (execs the SuperNode; returns only on a setup error (2) or with
-    ``--print-command`` (0)), ``fedtl-hospital health ...`` (see :mod:`client.site_health`) or
+    """``fedtl-hospital start ...`` (runs the site until SIGTERM (0), a refused key or a dead SuperNode (1),
+    a setup error (2); ``--print-command`` prints the SuperNode command (0)), ``fedtl-hospital health ...`` (see :mod:`client.site_health`) or
     ``fedtl-hospital predict|export ...`` (see :mod:`client.inference.commands`) or
     ``fedtl-hospital quality-report MANIFEST ...`` (see :mod:`common.data.data_quality`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -300,16 +343,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         runtime_port=args.runtime_port,
         max_retries=args.max_retries,
         max_wait_time=args.max_wait_time,
+        clientapp=args.clientapp,
     )
     try:
         if args.print_command:
             print(" ".join(prepare_site(settings)))
             return 0
-        start(settings)
+        return start(settings)
     except HospitalSetupError as exc:
         logger.error("%s", exc)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

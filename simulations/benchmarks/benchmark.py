@@ -23,6 +23,10 @@ One run measures, on the same model, the same synthetic data and the same DP set
   (``simulations.benchmarks.bench_coordinator``);
 * whole simulated rounds (Flower simulation on Ray) of 10, 25 and 50 hospitals, with a linear
   fit (``simulations.benchmarks.bench_site_scaling``);
+* real rounds: three hospitals on loopback (coordinator, gate, TLS, SuperNodes, the production apps),
+  per-round wall times and where the slowest site's messages spend them, with the long-lived ClientApp
+  worker and with Flower's process per message, beside the same federation simulated
+  (``simulations.benchmarks.bench_real_rounds``);
 * ``fedtl-hospital predict`` throughput (images/s, DICOM to probabilities, and the model alone) on the
   CPU at the demo's size and, when CUDA is available, on the GPU at 224 px
   (``simulations.benchmarks.bench_predict``);
@@ -515,6 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--predict-images", type=int, default=256,
                         help="DICOM files of the fedtl-hospital predict throughput run (simulations.benchmarks."
                              "bench_predict: CPU at --image-size, and a GPU at 224 px when CUDA is available); 0 skips it")
+    parser.add_argument("--real-rounds", type=int, default=3,
+                        help="rounds of the real loopback federation, once per ClientApp mode, and of its simulation "
+                             "(simulations.benchmarks.bench_real_rounds, about 8 minutes on 2 cores); 0 skips it")
     parser.add_argument("--no-profile", action="store_true", help="skip the DP step breakdown")
     parser.add_argument("--in-process", action="store_true",
                         help="run every mode in this process (fast; memory peaks overlap): for tests and debugging")
@@ -570,6 +577,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from simulations.benchmarks.bench_predict import measure as measure_predict
 
         report["predict"] = measure_predict(args.predict_images, args.image_size, batch_size=32)
+    if args.real_rounds > 0:
+        from simulations.benchmarks.bench_real_rounds import measure as measure_real_rounds
+
+        report["real_rounds"] = measure_real_rounds(args.real_rounds)
     if args.gpu_extra:
         if device.type == "cuda":
             report["gpu_extra"] = measure_gpu_extra(spec, args.repeats, args.in_process)
@@ -593,6 +604,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from simulations.benchmarks.bench_predict import format_lines as predict_lines
 
         print("\n" + "\n".join(predict_lines(report["predict"])))
+    if "real_rounds" in report:
+        from simulations.benchmarks.bench_real_rounds import format_lines as real_round_lines
+
+        print("\n" + "\n".join(real_round_lines(report["real_rounds"])))
     print(f"\nwrote {args.out} in {report['wall_seconds']:.0f} s")
     return report
 

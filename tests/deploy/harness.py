@@ -18,11 +18,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from client.hospital_daemon import HospitalSettings, prepare_site, supernode_env
+from client.hospital_daemon import HospitalSettings
 from client.site_health import probe_superlink
 from server.ops.coordinator_service import (
     IN_MEMORY_DATABASE,
@@ -217,20 +217,26 @@ class LoopbackFederation:
         manifest: Path | None = None,
         state_dir: Path | None = None,
         extra_node_config: dict[str, str] | None = None,
+        extra_args: Sequence[str] = (),
     ) -> ManagedProcess:
         """Start ``client.hospital_daemon start`` for ``name`` (by default with its own key and the CA).
 
+        ``extra_args`` are appended to the daemon's command line (e.g. ``--clientapp per-message``).
+
         ``extra_node_config`` adds keys to the SuperNode's node config (test apps read them, e.g.
-        ``fault``); the daemon has no such option, so the site is then prepared with the daemon's
-        own functions and its exact ``flower-supernode`` command is started directly.
+        ``fault``); the daemon's command line has no such option, so the daemon is then run through
+        its Python entry point (``client.hospital_daemon.start(settings, extra_node_config)``).
         """
         settings = self.hospital_settings(name, key, ca_cert, max_retries, manifest, state_dir)
         if extra_node_config:
-            command = prepare_site(settings)
-            with settings.node_config_path.open("a", encoding="utf-8") as node_config:
-                for config_key, value in extra_node_config.items():
-                    node_config.write(f"{json.dumps(config_key)} = {json.dumps(value)}\n")
-            managed = self.supervisor.start(f"hospital-{name}", command, supernode_env(settings, _child_env()))
+            spec = self.supervisor.log_dir / f"hospital-{name}-settings.json"
+            spec.parent.mkdir(parents=True, exist_ok=True)
+            spec.write_text(json.dumps({"settings": {k: str(v) if isinstance(v, Path) else v
+                                                     for k, v in asdict(settings).items()},
+                                        "extra_node_config": extra_node_config}))
+            argv = [sys.executable, "-c", "import sys; from tests.deploy.harness import run_daemon_from_spec as run; "
+                    "sys.exit(run(sys.argv[1]))", str(spec)]
+            managed = self.supervisor.start(f"hospital-{name}", argv, _child_env())
             self.hospitals[name] = managed
             return managed
         argv = [
@@ -257,6 +263,7 @@ class LoopbackFederation:
         ]
         if max_retries is not None:
             argv += ["--max-retries", str(max_retries)]
+        argv += list(extra_args)
         managed = self.supervisor.start(f"hospital-{name}", argv, _child_env())
         self.hospitals[name] = managed
         return managed
@@ -327,21 +334,21 @@ class LoopbackFederation:
             time.sleep(poll_s)
         raise AssertionError(f"node {node_id} still {seen!r}, not {status!r}, after {timeout_s:.0f} s")
 
-    def restart_hospital_until_connected(self, name: str, start: Callable[[], object], timeout_s: float) -> None:
-        """Call ``start`` (which starts hospital ``name``) until its SuperNode is accepted, as a
-        service manager with ``Restart=on-failure`` would; a refused SuperNode exits by itself."""
-        deadline = time.monotonic() + timeout_s
-        attempts = 0
+    def wait_until_connected(self, name: str, timeout_s: float) -> float:
+        """Wait until the latest start of hospital ``name`` has been let in (its log shows
+        ``SuperNode ID``); the seconds it took. The daemon must get in by itself: if it exits
+        first, this fails with its log."""
+        managed = self.hospitals[name]
+        started = time.monotonic()
+        deadline = started + timeout_s
         while time.monotonic() < deadline:
-            attempts += 1
-            start()
-            managed = self.hospitals[name]
-            while time.monotonic() < deadline and managed.popen.poll() is None:
-                if _SUPERNODE_ID.search(managed.output()):
-                    return
-                time.sleep(0.2)
-            time.sleep(1.0)
-        raise AssertionError(f"hospital {name} not accepted after {attempts} start(s); see {self.supervisor.log_dir}")
+            if _SUPERNODE_ID.search(managed.output()):
+                return time.monotonic() - started
+            if managed.popen.poll() is not None:
+                raise AssertionError(f"hospital {name} exited with {managed.popen.returncode} before it was let in:\n"
+                                     f"{managed.output()[-3000:]}")
+            time.sleep(0.2)
+        raise AssertionError(f"hospital {name} not let in after {timeout_s:.0f} s; see {managed.log}")
 
     def submit_fixture_run(self) -> int:
         """Submit the fixture app from the coordinator machine (the loopback profile)."""
@@ -367,6 +374,19 @@ class LoopbackFederation:
                 return status
             time.sleep(poll_s)
         return status
+
+
+def run_daemon_from_spec(spec_path: str) -> int:
+    """The daemon of a hospital whose node config carries extra keys (see ``start_hospital``)."""
+    from client.hospital_daemon import start
+    from common.daemon_setup import configure_logging
+
+    spec = json.loads(Path(spec_path).read_text())
+    values = spec["settings"]
+    for name in ("ca_cert", "private_key", "manifest", "state_dir"):
+        values[name] = Path(values[name])
+    configure_logging()
+    return start(HospitalSettings(**values), spec["extra_node_config"])
 
 
 def _toml_value(value: str | bool | int | float) -> str:

@@ -17,7 +17,7 @@ TINY = [
     "--image-size", "32", "--batch-size", "8", "--train-images", "16", "--timed-epochs", "1",
     "--plain-steps", "1", "--repeats", "1", "--threads", "1", "--coordinator-sites", "2", "3",
     "--coordinator-encoding", "int8", "--site-scaling-sites", "--storage-images", "64",
-    "--in-process", "--predict-images", "6",
+    "--in-process", "--predict-images", "6", "--real-rounds", "0",
 ]
 
 

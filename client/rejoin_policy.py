@@ -1,0 +1,82 @@
+"""Why the coordinator refused to let this site in, and whether to try again.
+
+Flower 1.41's SuperLink answers ``[code: 2004] Failed to activate SuperNode`` both to a key it does
+not know and to a known key whose node it still counts online. A node stays online until
+``HEARTBEAT_PATIENCE`` (2) x ``HEARTBEAT_DEFAULT_INTERVAL`` (30 s) after its last heartbeat, and
+heartbeats come every 17.5-22.5 s, so after a crash (SIGKILL, power loss) the old session blocks
+the site's return for 35-60 s. The daemon stamps ``alive_at`` into its record every few seconds
+while the SuperNode is connected (:mod:`client.supernode_record`); a refusal then means:
+
+* within ``alive_at + HEARTBEAT_WINDOW_S`` (same key, same coordinator): the old session is still
+  online. Try again every ``RETRY_INTERVAL_S`` until the window has certainly passed.
+* after it, or with no record of this key ever being connected to this coordinator: the key is
+  refused (not registered, revoked, or the same key connected from another machine). Stop.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+HEARTBEAT_WINDOW_S = 75.0
+"""Seconds after the last ``alive_at`` stamp by which Flower has certainly marked the old session
+offline: the crash came at most ``ALIVE_STAMP_S`` after the stamp, the last heartbeat was before
+the crash, and the node is offline 60 s (2 x 30 s) after its last heartbeat; plus 10 s of margin."""
+ALIVE_STAMP_S = 5.0
+"""How often the daemon stamps ``alive_at`` while the SuperNode is connected."""
+RETRY_INTERVAL_S = 3.0
+"""Seconds between two activation attempts inside the heartbeat window."""
+ACTIVATION_REFUSED_MARKERS = ("Failed to activate SuperNode", "[code: 2004]")
+"""What the SuperNode prints when the SuperLink refuses to activate it."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """What a refused activation means for this site.
+
+    retry : try again (the old session may still be online).
+    until : epoch seconds when the heartbeat window has certainly passed (``None``: no window).
+    explanation : what the daemon logs, in words for the site's admin.
+    """
+
+    retry: bool
+    until: float | None
+    explanation: str
+
+
+def is_activation_refusal(output: str) -> bool:
+    """True when a SuperNode's output says the SuperLink refused to activate it."""
+    return any(marker in output for marker in ACTIVATION_REFUSED_MARKERS)
+
+
+def judge_refusal(record: dict[str, object], superlink: str, key_id: str, now: float | None = None) -> Refusal:
+    """Classify a refused activation from the daemon's record of the site's last connection.
+
+    record : ``STATE_DIR/supernode.json`` as the daemon last wrote it (``alive_at``, ``superlink``,
+        ``key_id``), possibly from before a crash.
+    superlink, key_id : the coordinator and key this start uses (see ``supernode_record.key_identity``).
+    """
+    now = time.time() if now is None else now
+    alive_at = record.get("alive_at")
+    same_site = record.get("superlink") == superlink and record.get("key_id") == key_id
+    if same_site and isinstance(alive_at, (int, float)):
+        until = float(alive_at) + HEARTBEAT_WINDOW_S
+        if now < until:
+            return Refusal(True, until, (
+                f"the coordinator still counts this site's previous session online (it was connected "
+                f"{now - alive_at:.0f} s ago and Flower waits for two missed 30 s heartbeats before it lets the same "
+                f"key in again): retrying every {RETRY_INTERVAL_S:.0f} s until {time.strftime('%H:%M:%S', time.localtime(until))}"
+            ))
+        return Refusal(False, until, (
+            f"the coordinator refused this site's key: the previous session ended more than "
+            f"{HEARTBEAT_WINDOW_S:.0f} s ago, so this is no longer Flower's heartbeat window. " + _REFUSED_ADVICE
+        ))
+    return Refusal(False, None, "the coordinator refused this site's key. " + _REFUSED_ADVICE)
+
+
+_REFUSED_ADVICE = (
+    "Either the key is not registered (or was revoked) at the coordinator, or the same key is connected "
+    "from another machine. Send this site's public key (NAME.pub, next to the --key file) to the "
+    "coordinator's admin and ask them to register it ('fedtl-coordinator register --state-dir STATE_DIR NAME.pub'); "
+    "make sure no other machine runs this site with the same key; then start the site again."
+)
