@@ -375,6 +375,7 @@ def build_gate_server(
         log_level="warning",
         workers=1,
         http=HeadDeadlineH11Protocol,
+        ws="none",  # no WebSocket upgrades: the Fleet API is plain HTTP
         h11_max_incomplete_event_size=limits.max_head_bytes,
         limit_concurrency=limits.max_connections,
         timeout_keep_alive=max(1, round(limits.idle_timeout_s)),
