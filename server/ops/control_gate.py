@@ -62,6 +62,7 @@ UPSTREAM_CONNECT_TIMEOUT_S = 10.0
 LOGGED_PATH_CHARS = 200  # a refused path is logged up to this length
 REFUSAL_LOG_WINDOW_S = 10.0
 REFUSAL_LOG_BURST = 20  # refusal lines per window; the rest are counted in one line
+LARGEST_BODY_PATHS = 32  # Fleet calls whose largest body is kept (Flower 1.41 has 12; made-up names add none)
 
 _HOP_BY_HOP = frozenset(
     {
@@ -258,7 +259,7 @@ class FleetOnlyGate:
             logger.error("SuperLink behind the gate unreachable (%s): %s", self.settings.upstream, exc)
             await _respond(send, 502, b"the coordinator's SuperLink is not reachable; retry later\n")
             return
-        if body is not None:
+        if body is not None and (path in self.largest_bodies or len(self.largest_bodies) < LARGEST_BODY_PATHS):
             self.largest_bodies[path] = max(self.largest_bodies.get(path, 0), body.size)
         try:
             out_headers = [
