@@ -23,8 +23,9 @@ What differs on purpose:
   FAB's own module could fail to import) is logged here in full and answered with Flower's error
   code and a reason that holds no text of the exception (Flower's own process puts ``str(exc)``
   into the reply, which leaves the site);
-* a task the SuperNode gives up on (its heartbeat answered "not valid") is finished and its reply
-  dropped by the SuperNode, instead of the whole process being interrupted by SIGINT.
+* a task the SuperNode gives up on (its heartbeat answered "not valid", or its token refused with
+  401, on which Flower's Runtime client sends SIGINT to its own process) ends that task only: the
+  process goes on with the next one. SIGINT ends the process only once the daemon is gone.
 
 A FAB's own modules (the app bundle's package) are forgotten when a run of another FAB arrives,
 so a new app version is imported afresh; fedtl itself is the site's installed package.
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -52,6 +54,11 @@ DEFAULT_POLL_S = 0.2
 WARM_MODULE = "client.client_app"
 """Imported before the first task, so the first message finds torch, Opacus and the app loaded."""
 ESCAPED_REASON = "the ClientApp raised an exception at the site; the details are in the site's log"
+
+
+class TaskInterrupted(BaseException):
+    """SIGINT while the daemon lives: Flower's Runtime client gave up on the running task. A
+    ``BaseException``, so that no handler's ``except Exception`` mistakes it for the task failing."""
 
 
 @dataclass
@@ -220,10 +227,14 @@ def serve(address: str, poll_s: float = DEFAULT_POLL_S, stop: threading.Event | 
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP], agentapp_fab_hashes=[])
     try:
         while not stop.is_set():
-            response = acquire.AcquireTask(request)
-            if response.HasField("task") and response.token:
-                timing = serve_task(address, response.token, response.task.task_id, apps)
-                logger.info("%s", timing.line())
+            try:
+                response = acquire.AcquireTask(request)
+                if response.HasField("task") and response.token:
+                    logger.info("%s", serve_task(address, response.token, response.task.task_id, apps).line())
+                    continue
+            except TaskInterrupted:
+                logger.warning("a task was interrupted: the SuperNode no longer accepts its token (it gave the "
+                               "task up, or restarted); no reply from this site for that message")
                 continue
             stop.wait(poll_s)
     finally:
@@ -250,17 +261,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop.set()
         raise SystemExit(0)
 
+    def interrupted(_signum: int, _frame: object) -> None:
+        if args.parent_pid is None or not _pid_exists(args.parent_pid):
+            raise KeyboardInterrupt
+        raise TaskInterrupted
+
     signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, interrupted)
     if args.parent_pid is not None:
         from flwr.supercore.app_utils import start_parent_process_monitor
 
-        start_parent_process_monitor(args.parent_pid)  # SIGINT (KeyboardInterrupt) once the daemon is gone
+        start_parent_process_monitor(args.parent_pid)  # SIGINT once the daemon is gone
     try:
         serve(args.runtime_api_address, args.poll_s, stop)
     except KeyboardInterrupt:
         logger.warning("ClientApp worker: the daemon that started it is gone; exiting")
         return 1
     return 0
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 if __name__ == "__main__":
