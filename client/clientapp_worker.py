@@ -252,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API call otherwise
+    logging.getLogger("flwr").propagate = False  # Flower's logger has its own console handler
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:

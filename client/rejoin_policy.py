@@ -24,8 +24,9 @@ offline: the crash came at most ``ALIVE_STAMP_S`` after the stamp, the last hear
 the crash, and the node is offline 60 s (2 x 30 s) after its last heartbeat; plus 10 s of margin."""
 ALIVE_STAMP_S = 5.0
 """How often the daemon stamps ``alive_at`` while the SuperNode is connected."""
-RETRY_INTERVAL_S = 3.0
-"""Seconds between two activation attempts inside the heartbeat window."""
+RETRY_INTERVAL_S = 2.0
+"""Seconds between a refused SuperNode's exit and the next attempt inside the heartbeat window (each
+attempt is a new ``flower-supernode`` process, which takes a few seconds of its own to start)."""
 ACTIVATION_REFUSED_MARKERS = ("Failed to activate SuperNode", "[code: 2004]")
 """What the SuperNode prints when the SuperLink refuses to activate it."""
 
