@@ -103,3 +103,50 @@ def test_a_request_head_growing_past_the_cap_is_refused(port: int) -> None:
         except OSError:
             pass
     assert answer.startswith(b"HTTP/1.1 400"), answer  # h11 gives up at the cap, before any app code runs
+
+
+async def _refusing_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Answers 413 with Connection: close without reading the body (what the gate does to an oversized one)."""
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-length", b"0"), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def test_a_refused_tls_connection_is_cut_off_not_drained_while_the_peer_keeps_sending(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    import ssl
+
+    from server.ops.federation_pki import init_pki
+
+    pki = init_pki(tmp_path_factory.mktemp("pki"), hosts=["localhost"], ips=["127.0.0.1"])
+    chosen = free_port()
+    config = uvicorn.Config(app=_refusing_app, host="127.0.0.1", port=chosen, http=HeadDeadlineH11Protocol, ws="none",
+                            lifespan="off", log_config=None, access_log=False, ssl_certfile=str(pki.server_cert),
+                            ssl_keyfile=str(pki.server_key))
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)  # uvicorn's own loop choice (uvloop), as the gate
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    accepted = 0
+    try:
+        context = ssl.create_default_context(cafile=str(pki.ca_cert))
+        with context.wrap_socket(socket.create_connection(("127.0.0.1", chosen)), server_hostname="localhost") as sock:
+            sock.sendall(b"POST /v1/fleet/get-run HTTP/1.1\r\nHost: x\r\nContent-Length: 314572800\r\n\r\n")
+            sock.settimeout(5)
+            answer = sock.recv(1024)
+            try:
+                while accepted < 300 << 20:
+                    sock.sendall(b"\0" * (1 << 20))
+                    accepted += 1 << 20
+            except (OSError, ssl.SSLError):
+                pass
+    finally:
+        server.should_exit = True
+        thread.join(timeout=5)
+
+    assert answer.startswith(b"HTTP/1.1 413")
+    assert accepted < 64 << 20, f"the server read {accepted >> 20} MiB after refusing the request"
