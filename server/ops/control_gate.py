@@ -257,7 +257,7 @@ class FleetOnlyGate:
             return
         except httpx.HTTPError as exc:
             logger.error("SuperLink behind the gate unreachable (%s): %s", self.settings.upstream, exc)
-            await _respond(send, 502, b"the coordinator's SuperLink is not reachable; retry later\n")
+            await _respond(send, 502, b"the coordinator's SuperLink is not reachable; retry later\n", close=True)
             return
         if body is not None and (path in self.largest_bodies or len(self.largest_bodies) < LARGEST_BODY_PATHS):
             self.largest_bodies[path] = max(self.largest_bodies.get(path, 0), body.size)
