@@ -93,6 +93,7 @@ class SiteProcesses:
 class _SuperNode:
     popen: subprocess.Popen[bytes]
     node_id: str | None = None
+    connected_at: float | None = None
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=40))
     reader: threading.Thread | None = None
 
@@ -149,6 +150,8 @@ class SiteSupervisor:
                     return outcome
                 continue
             if self._supernode.node_id is not None and time.monotonic() - last_stamp >= ALIVE_STAMP_S:
+                self._record["node_id"] = self._supernode.node_id
+                self._record["connected_at"] = self._supernode.connected_at
                 self._record["alive_at"] = time.time()
                 self._write_record()
                 last_stamp = time.monotonic()
@@ -223,10 +226,9 @@ class SiteSupervisor:
                 pass
             supernode.tail.append(line.decode(errors="replace"))
             found = _CONNECTED.search(line)
-            if found:
+            if found:  # the record itself is written by the main thread only
+                supernode.connected_at = time.time()
                 supernode.node_id = found.group(1).decode()
-                self._record["node_id"] = supernode.node_id
-                self._record["connected_at"] = time.time()
 
     def _stop_children(self) -> None:
         children = [p for p in (self._supernode.popen if self._supernode else None, self._worker) if p is not None]

@@ -214,9 +214,13 @@ def _env(**values: str) -> Iterator[None]:
 
 
 def run_loopback(work: Path, manifests: dict[str, Path], cache_dir: Path, rounds: int,
-                 hospital_args: Sequence[str] = ()) -> dict[str, Any]:
+                 hospital_args: Sequence[str] = (), site_threads: int | None = None) -> dict[str, Any]:
     """The real federation on loopback (``hospital_args``: more ``fedtl-hospital start`` options); its
-    round times and the per-message breakdown at the sites."""
+    round times and the per-message breakdown at the sites.
+
+    ``site_threads``: ``OMP_NUM_THREADS`` of the hospitals' processes (torch's CPU threads per site; the
+    simulation gives each site one CPU); ``None`` leaves torch's default (every core, per site).
+    """
     from tests.deploy.harness import REAL_APP, ProcessSupervisor, start_loopback_federation
 
     supervisor = ProcessSupervisor(log_dir=work / "logs")
@@ -226,9 +230,10 @@ def run_loopback(work: Path, manifests: dict[str, Path], cache_dir: Path, rounds
         with _env(FLWR_LOG_LEVEL="DEBUG"):
             started = time.perf_counter()
             federation = start_loopback_federation(work / "federation", supervisor, HOSPITALS)
-            for site in HOSPITALS:
-                federation.start_hospital(site, manifest=manifests[site], state_dir=work / "sites" / site,
-                                          extra_args=hospital_args)
+            with _env(**({"OMP_NUM_THREADS": str(site_threads)} if site_threads else {})):
+                for site in HOSPITALS:
+                    federation.start_hospital(site, manifest=manifests[site], state_dir=work / "sites" / site,
+                                              extra_args=hospital_args)
             federation.wait_for_online_nodes(len(HOSPITALS), timeout_s=120)
             up = time.perf_counter() - started
             run_id = federation.submit_run(REAL_APP, {"config-file": str(config), "run-dir": str(run_dir),
@@ -260,7 +265,8 @@ CLIENTAPP_MODES = ("warm", "per-message")
 """``fedtl-hospital start --clientapp``: the long-lived ClientApp worker, and Flower's process per message."""
 
 
-def measure(rounds: int = 3, clientapp_modes: Sequence[str] = CLIENTAPP_MODES, keep: Path | None = None) -> dict[str, Any]:
+def measure(rounds: int = 3, clientapp_modes: Sequence[str] = CLIENTAPP_MODES, keep: Path | None = None,
+            site_threads: int | None = 1) -> dict[str, Any]:
     """The real federation once per ClientApp mode and the simulation, on the same synthetic sites and
     backbone; each mode's steady round over the simulated one.
 
@@ -278,12 +284,12 @@ def measure(rounds: int = 3, clientapp_modes: Sequence[str] = CLIENTAPP_MODES, k
                                                            image_size=IMAGE_SIZE, site_sizes=SITE_SIZES)))
         cache_dir = work / "coordinator-cache"
         prepare_backbone(FederationConfig.from_dict(federation_config(rounds)), cache_dir)
-        loopback = {mode: run_loopback(work / f"real-{mode}", manifests, cache_dir, rounds, ["--clientapp", mode])
-                    for mode in clientapp_modes}
+        loopback = {mode: run_loopback(work / f"real-{mode}", manifests, cache_dir, rounds, ["--clientapp", mode],
+                                       site_threads) for mode in clientapp_modes}
         simulated = run_simulated(work / "sim", manifests, cache_dir, rounds)
     return {
         "setting": {"sites": dict(zip(HOSPITALS, SITE_SIZES)), "image_size": IMAGE_SIZE, "rounds": rounds,
-                    "privacy": "DP, epsilon 8", "load_average": os.getloadavg()},
+                    "privacy": "DP, epsilon 8", "site_threads": site_threads, "load_average": os.getloadavg()},
         "simulated": simulated,
         "loopback": loopback,
         "steady_ratio_real_over_simulated": {mode: round(run["steady_round_s"] / simulated["steady_round_s"], 2)
@@ -332,10 +338,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clientapp", nargs="+", default=list(CLIENTAPP_MODES), choices=CLIENTAPP_MODES)
     parser.add_argument("--keep", type=Path, default=None, help="keep the runs and logs in this folder")
+    parser.add_argument("--site-threads", type=int, default=1,
+                        help="torch CPU threads per hospital (OMP_NUM_THREADS; the simulation gives each site one "
+                             "CPU); 0 leaves torch's default of every core per site")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_real_rounds.json"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    report = measure(args.rounds, args.clientapp, args.keep)
+    report = measure(args.rounds, args.clientapp, args.keep, args.site_threads or None)
     atomic_write_json(args.out, report)
     print("\n".join(format_lines(report)))
     return 0
