@@ -19,9 +19,12 @@ except two:
   5 MiB of chunk data plus an object header and the protobuf fields (node, run id, object id,
   session id): about 5 MiB + 200 B.
 
-Measured on the loopback federation with the real fedtl app (resnet18 shared layers in fp32, see
-the README, "How it is put together"): the largest request body the gate forwarded was a
-``push-object`` of 5,242,9xx bytes (the gate logs the largest body per Fleet call at shutdown).
+Measured on the loopback federation (3 hospitals, the real fedtl app with the configuration of
+``tests/deploy/test_real_federation.py``: resnet18 at 32 px, ``stages.layer4`` shared, one round
+without DP), from the line the gate logs at shutdown with the largest body per Fleet call: with
+``update_encoding = "fp32"`` the largest request was a ``push-object`` of 5,243,033 B (one full
+5,242,880 B chunk of a 9.4 MB conv weight plus 153 B), ``push-messages`` 979 B, everything else
+under 300 B; with the default int8 encoding, 2,359,577 B (a whole int8 tensor in one chunk).
 
 The cap, 8 MiB by default, leaves 60 % above that (a larger record, a SuperNode started with
 ``FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE`` up to ~7.5 MiB; raise ``--max-request-mb`` with it), while one
