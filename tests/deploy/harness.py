@@ -290,6 +290,13 @@ class LoopbackFederation:
             [flower_executable("flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout_s
         )
 
+    def coordinator_command(self, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+        """``fedtl-coordinator ARGS --state-dir STATE`` as the operator types it on the coordinator machine."""
+        return subprocess.run(
+            [sys.executable, "-m", "server.ops.coordinator_service", *args, "--state-dir", str(self.coordinator.state_dir)],
+            cwd=REPO_ROOT, env=_child_env(), capture_output=True, text=True, timeout=timeout_s,
+        )
+
     def online_nodes(self) -> int:
         result = self.flwr("supernode", "ls", "--format", "json")
         try:

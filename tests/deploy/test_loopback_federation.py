@@ -29,18 +29,10 @@ def foreign_pki(tmp_path_factory: pytest.TempPathFactory):
     return init_pki(tmp_path_factory.mktemp("foreign-pki"), hospitals=["intruder"])
 
 
-def coordinator_command(federation: LoopbackFederation, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
-    """``fedtl-coordinator ARGS --state-dir STATE`` as the operator types it on the coordinator machine."""
-    return subprocess.run(
-        [sys.executable, "-m", "server.ops.coordinator_service", *args, "--state-dir", str(federation.coordinator.state_dir)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s,
-    )
-
-
 def test_run_over_tls_with_registered_hospitals_is_followed_to_its_end_and_exits_zero(
     federation: LoopbackFederation,
 ) -> None:
-    result = coordinator_command(federation, "run", str(FIXTURE_APP))
+    result = federation.coordinator_command("run", str(FIXTURE_APP))
 
     assert result.returncode == 0, f"{result.stdout}{result.stderr}; logs in {federation.supervisor.log_dir}"
     lines = result.stdout.splitlines()
@@ -49,8 +41,8 @@ def test_run_over_tls_with_registered_hospitals_is_followed_to_its_end_and_exits
 
 
 def test_a_run_that_fails_exits_non_zero_with_flowers_reason(federation: LoopbackFederation) -> None:
-    result = coordinator_command(
-        federation, "run", str(FIXTURE_APP), "--run-config", "expected-nodes=4", "--run-config", "wait-for-nodes-s=1.0"
+    result = federation.coordinator_command(
+        "run", str(FIXTURE_APP), "--run-config", "expected-nodes=4", "--run-config", "wait-for-nodes-s=1.0"
     )
 
     assert result.returncode == 1, result.stdout + result.stderr
@@ -61,8 +53,8 @@ def test_a_run_that_fails_exits_non_zero_with_flowers_reason(federation: Loopbac
 def test_hospitals_lists_each_hospital_by_name_with_its_node_id_and_that_it_is_online(
     federation: LoopbackFederation,
 ) -> None:
-    result = coordinator_command(federation, "hospitals", "--json")
-    table = coordinator_command(federation, "hospitals")
+    result = federation.coordinator_command("hospitals", "--json")
+    table = federation.coordinator_command("hospitals")
 
     assert result.returncode == 0, result.stdout + result.stderr
     entries = {entry["name"]: entry for entry in json.loads(result.stdout)}
@@ -168,11 +160,11 @@ def test_gate_answers_403_to_everything_but_the_fleet_api(federation: LoopbackFe
 
 def test_a_revoked_hospital_is_refused_when_it_connects_again_and_stays_revoked(federation: LoopbackFederation) -> None:
     """Last in the module: it takes h3 out of the federation for good."""
-    result = coordinator_command(federation, "revoke", "h3")
+    result = federation.coordinator_command("revoke", "h3")
     federation.kill_hospital("h3")
     again = federation.start_hospital("h3", max_retries=1)
     exit_code = again.wait_for_exit(timeout_s=150)  # a daemon may retry through Flower's heartbeat window
-    listed = {entry["name"]: entry for entry in json.loads(coordinator_command(federation, "hospitals", "--json").stdout)}
+    listed = {entry["name"]: entry for entry in json.loads(federation.coordinator_command("hospitals", "--json").stdout)}
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "revoked h3" in result.stdout

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -393,6 +394,7 @@ class CoordinatorRestart:
     metrics_before_kill: dict[str, Any]
     metrics: dict[str, Any]
     round_one_checkpoint_mtime_ns: int
+    command: subprocess.CompletedProcess[str]
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -430,8 +432,12 @@ def coordinator_restart(
 
         scenario.federation.restart_coordinator()
         scenario.federation.wait_for_online_nodes(len(HOSPITALS), timeout_s=60)
-        resumed_run = scenario.submit(config, resume=True)
-        scenario.wait_for_rounds(2, resumed_run, timeout_s=240)
+        # The operator's command: resolve and check the paths, submit, follow to the end, exit code.
+        command = scenario.federation.coordinator_command(
+            "run", "--config", str(config), "--out", str(scenario.run_dir), "--resume",
+            "--cache-dir", str(cache_dir), "--app-dir", str(REAL_APP), timeout_s=300,
+        )
+        resumed_run = int(command.stdout.split()[1])
         status = scenario.finish(resumed_run)
         timings["total_s"] = time.monotonic() - started
         logger.info("coordinator restart scenario timings: %s", timings)
@@ -443,6 +449,7 @@ def coordinator_restart(
             metrics_before_kill=before_kill,
             metrics=scenario.metrics(),
             round_one_checkpoint_mtime_ns=round_one_mtime,
+            command=command,
             timings=timings,
         )
     finally:
@@ -482,6 +489,26 @@ def test_a_coordinator_killed_and_resumed_loses_no_completed_round(coordinator_r
     assert json.loads((checkpoints / "latest.json").read_text())["round"] == 2
     latest = latest_checkpoint(coordinator_restart.scenario.run_dir)
     assert latest is not None and latest.round == 2
+
+
+def test_the_operators_run_command_follows_the_resumed_run_round_by_round_and_ends_with_its_results(
+    coordinator_restart: CoordinatorRestart,
+) -> None:
+    command = coordinator_restart.command
+    lines = command.stdout.splitlines()
+    round_lines = [line for line in lines if line.startswith("round ")]
+    report = (coordinator_restart.scenario.run_dir / "report.md").read_text()
+
+    assert command.returncode == 0, command.stdout + command.stderr
+    assert lines[0].startswith(f"run {coordinator_restart.resumed_run_id} submitted: federation.toml, 2 round(s)")
+    assert len(round_lines) == 1 and round_lines[0].startswith("round   2 | 2 trained (h1, h2)")  # round 1 was done
+    assert f"dropped 1 [{MALFORMED}: " in round_lines[0] and "shape" in round_lines[0]
+    assert f"run {coordinator_restart.resumed_run_id}: finished:completed" in lines
+    assert lines[-1].startswith(f"results: {coordinator_restart.scenario.run_dir} (report.md")
+    assert any(line.startswith("| federated, personal models, DP off |") for line in lines)  # this run: no DP
+    # The same report writer as a simulation's: the table, the left-out updates, the plots.
+    assert "| federated, personal models, DP off |" in report and f"- round 2, {MALFORMED}:" in report
+    assert (coordinator_restart.scenario.run_dir / "plots" / "balanced_accuracy.png").exists()
 
 
 # ------------------------------------------------------------------------------ PHI canaries
