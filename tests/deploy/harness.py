@@ -32,6 +32,7 @@ from server.ops.coordinator_service import (
     submit_run,
 )
 from server.ops.federation_pki import FederationPki, init_pki
+from server.ops.run_command import toml_value
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FIXTURE_APP = Path(__file__).resolve().parent / "fixture_app"
@@ -236,7 +237,7 @@ class LoopbackFederation:
                                         "extra_node_config": extra_node_config}))
             argv = [sys.executable, "-c", "import sys; from tests.deploy.harness import run_daemon_from_spec as run; "
                     "sys.exit(run(sys.argv[1]))", str(spec)]
-            managed = self.supervisor.start(f"hospital-{name}", argv, _child_env())
+            managed = self.supervisor.start(f"hospital-{name}", argv, _hospital_env())
             self.hospitals[name] = managed
             return managed
         argv = [
@@ -264,7 +265,7 @@ class LoopbackFederation:
         if max_retries is not None:
             argv += ["--max-retries", str(max_retries)]
         argv += list(extra_args)
-        managed = self.supervisor.start(f"hospital-{name}", argv, _child_env())
+        managed = self.supervisor.start(f"hospital-{name}", argv, _hospital_env())
         self.hospitals[name] = managed
         return managed
 
@@ -363,7 +364,7 @@ class LoopbackFederation:
 
     def submit_run(self, app_dir: Path, run_config: dict[str, str | bool | int | float]) -> int:
         """Submit ``app_dir`` from the coordinator machine with ``--run-config`` overrides (TOML values)."""
-        return submit_run(self.coordinator, app_dir, [f"{key}={_toml_value(value)}" for key, value in run_config.items()])
+        return submit_run(self.coordinator, app_dir, [f"{key}={toml_value(value)}" for key, value in run_config.items()])
 
     def run_status(self, run_id: int) -> str:
         result = self.flwr("ls", "--run-id", str(run_id), "--format", "json")
@@ -396,12 +397,13 @@ def run_daemon_from_spec(spec_path: str) -> int:
     return start(HospitalSettings(**values), spec["extra_node_config"])
 
 
-def _toml_value(value: str | bool | int | float) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string literal is a valid TOML basic string
-    return repr(value)
+def _hospital_env() -> dict[str, str]:
+    """A hospital's environment: one torch CPU thread (``OMP_NUM_THREADS``, unless the caller set one).
+    The loopback hospitals share this machine's cores, as the simulation's sites get one CPU each;
+    torch's default of every core per site oversubscribes them (measured by bench_real_rounds)."""
+    env = _child_env()
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
 
 
 def _child_env() -> dict[str, str]:
