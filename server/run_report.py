@@ -88,7 +88,7 @@ def privacy_summary(config: Mapping[str, Any], summary: Mapping[str, Any]) -> di
 
 def summarize_federated_run(metrics: dict[str, Any]) -> dict[str, Any]:
     """A real run's report rows: each site's last evaluation of its personal model is the federated row."""
-    per_site = {site: {key: value for key, value in row.items()} for site, row in final_site_metrics(metrics).items()}
+    per_site = {site: dict(row) for site, row in final_site_metrics(metrics).items()}
     summary = dict(metrics.get("summary", {}))
     summary["federated"] = mean_balanced_accuracy(per_site)
     summary["privacy"] = privacy_summary(metrics.get("config", {}), summary)

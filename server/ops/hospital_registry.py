@@ -85,9 +85,10 @@ def revoke_hospital(settings: CoordinatorSettings, name: str, pki_dir: Path | No
     """Unregister hospital ``name`` at the SuperLink and retire its public key from the PKI directory."""
     from flwr.proto.control_pb2 import UnregisterNodeRequest  # pylint: disable=no-name-in-module
 
-    matches = [entry for entry in list_hospitals(settings) if entry.name == name and entry.status != "unregistered"]
+    registered = [entry for entry in list_hospitals(settings) if entry.status != "unregistered"]
+    matches = [entry for entry in registered if entry.name == name]
     if not matches:
-        known = ", ".join(sorted({e.name for e in list_hospitals(settings) if e.status != "unregistered"})) or "none"
+        known = ", ".join(sorted({e.name for e in registered})) or "none"
         raise CoordinatorError(f"no registered hospital is named {name!r} (registered: {known}); "
                                "'fedtl-coordinator hospitals' lists them")
     with control_client(settings) as client:

@@ -169,13 +169,14 @@ class RecordedRun:
     submitted_at: float
 
 
+def _as_json(run: RecordedRun) -> dict[str, Any]:
+    return asdict(run) | {"out_dir": str(run.out_dir), "config_file": str(run.config_file) if run.config_file else None}
+
+
 def record_run(settings: CoordinatorSettings, run: RecordedRun) -> None:
-    path = settings.state_dir / RUNS_FILE
-    runs = [asdict(r) | {"out_dir": str(r.out_dir), "config_file": str(r.config_file) if r.config_file else None}
-            for r in recorded_runs(settings)]
-    runs.append(asdict(run) | {"out_dir": str(run.out_dir),
-                               "config_file": str(run.config_file) if run.config_file else None})
-    atomic_write_json(path, {"runs": runs})
+    """Append ``run`` to ``STATE_DIR/runs.json``."""
+    runs = [_as_json(r) for r in [*recorded_runs(settings), run]]
+    atomic_write_json(settings.state_dir / RUNS_FILE, {"runs": runs})
 
 
 def recorded_runs(settings: CoordinatorSettings) -> list[RecordedRun]:
