@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ L2_GRID: tuple[float, ...] = tuple(10.0**e for e in (-3, -2, -1.5, -1, -0.5, 0, 
 
 MAX_FOLDS = 5
 
+SHARED_PREFIX = "shared/"
+"""State-dict prefix of the personal copy of the shared layers, when the site fine-tuned one."""
+
 
 @dataclass(frozen=True)
 class PersonalHead:
@@ -44,19 +47,25 @@ class PersonalHead:
     bias: torch.Tensor  # (num_classes,)
     l2: float
     folds: int  # 0 when there were too few patients to cross-validate and the default strength was used
+    shared: Mapping[str, torch.Tensor] | None = field(default=None, repr=False)
+    """The site's own fine-tuned copy of the shared layers (``client.personal_finetune``) the features
+    come from; ``None``: the global shared layers."""
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         x = (features.double() - self.mean) / self.scale
         return (x @ self.weight.T + self.bias).float()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"mean": self.mean, "scale": self.scale, "weight": self.weight, "bias": self.bias,
-                "l2": torch.tensor(self.l2, dtype=torch.float64), "folds": torch.tensor(self.folds)}
+        state = {"mean": self.mean, "scale": self.scale, "weight": self.weight, "bias": self.bias,
+                 "l2": torch.tensor(self.l2, dtype=torch.float64), "folds": torch.tensor(self.folds)}
+        state.update({SHARED_PREFIX + name: tensor for name, tensor in (self.shared or {}).items()})
+        return state
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> PersonalHead:
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor]) -> PersonalHead:
+        shared = {name[len(SHARED_PREFIX):]: tensor for name, tensor in state.items() if name.startswith(SHARED_PREFIX)}
         return cls(mean=state["mean"], scale=state["scale"], weight=state["weight"], bias=state["bias"],
-                   l2=float(state["l2"]), folds=int(state["folds"]))
+                   l2=float(state["l2"]), folds=int(state["folds"]), shared=shared or None)
 
 
 def balanced_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ so a fresh process rebuilds the same session without decoding a DICOM again.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from client.dp.local_training import TrainingOutcome, random_flip_and_shift, tra
 from client.evaluation_metrics import bootstrap_balanced_accuracy, classification_metrics
 from client.inference.operating_point import operating_point_from_validation
 from client.inference.site_model_record import record_fit, record_test_metrics
+from client.personal_finetune import finetune_personal_layers, with_shared
 from client.personal_head import PersonalHead, fit_personal_head_with_validation
 from client.privacy.privacy_budget import PrivacyLedger
 from client.privacy.privacy_plan import default_delta, sample_rate_for, steps_per_epoch
@@ -30,7 +32,7 @@ from common.data.image_preprocessing import Preprocessing
 from common.data.patient_split import class_weights, split_by_patient
 from common.data.site_dataset import SiteData, load_site_dataset
 from common.models.backbones import build_backbone
-from common.models.fed_model import FedModel
+from common.models.fed_model import FedModel, StagesTail
 from common.models.layer_policy import ParameterGroups, apply_policy, first_trainable_stage, resolve_policy
 from common.wire_contract import STATUS_DECLINED_BUDGET, STATUS_OK
 
@@ -298,9 +300,10 @@ class SiteSession:
         return outcome
 
     @torch.no_grad()
-    def features(self, split: Split) -> torch.Tensor:
-        """Pooled image features (and clinical values) of ``split`` under the current shared layers."""
-        tail = self.model.tail(self.boundary).eval()
+    def features(self, split: Split, tail: StagesTail | None = None) -> torch.Tensor:
+        """Pooled image features (and clinical values) of ``split`` under the current shared layers
+        (or under ``tail``'s, a personal copy)."""
+        tail = (tail or self.model.tail(self.boundary)).eval()
         device = self.settings.torch_device()
         chunks = []
         for start in range(0, len(split.labels), 256):
@@ -312,14 +315,36 @@ class SiteSession:
         return torch.cat([pooled, split.clinical.float()], dim=1) if split.clinical.numel() else pooled
 
     def fit_personal_head(self, global_id: str = "") -> PersonalHead:
-        """Fit and store this site's personal head on the current global features (never sent)."""
+        """Fit and store this site's personal model on the current global layers (never sent): the linear
+        probe, and with ``training.personal_finetune_epochs`` its LP-FT copy of the shared layers with the
+        probe fitted again on their features (``client.personal_finetune``)."""
+        num_classes = self.config.model.num_classes
         head, out_of_fold = fit_personal_head_with_validation(self.features(self.train), self.train.labels,
-                                                              self.train.patients, self.config.model.num_classes)
+                                                              self.train.patients, num_classes)
+        training = self.config.training
+        if training.personal_finetune_epochs:
+            tuned = finetune_personal_layers(
+                self.model.tail(self.boundary), head, self.train.inputs, self.train.clinical, self.train.labels,
+                shared_names=list(self.groups.shared), num_classes=num_classes,
+                epochs=training.personal_finetune_epochs, learning_rate=training.personal_finetune_learning_rate,
+                batch_size=training.batch_size, seed=_site_seed(self.config.seed, self.settings.site_name) + 17,
+                device=self.settings.torch_device(),
+            )
+            personal_tail = with_shared(self.model.tail(self.boundary), tuned)
+            head, out_of_fold = fit_personal_head_with_validation(
+                self.features(self.train, personal_tail), self.train.labels, self.train.patients, num_classes)
+            head = dataclasses.replace(head, shared=tuned)
         self.state.save_personal_head(head.state_dict(), global_id=global_id, backbone_fingerprint=self.fingerprint)
         self._record_model(global_id, None if out_of_fold is None else out_of_fold.softmax(dim=1))
-        logger.info("[%s] personal head fitted (L2 %.3g, %d patient folds)", self.settings.site_name, head.l2,
-                    head.folds)
+        logger.info("[%s] personal head fitted (L2 %.3g, %d patient folds%s)", self.settings.site_name, head.l2,
+                    head.folds, f", {training.personal_finetune_epochs} fine-tune epochs" if head.shared else "")
         return head
+
+    def personal_features(self, head: PersonalHead, split: Split) -> torch.Tensor:
+        """``split``'s features under the layers ``head`` was fitted on: its own copy, else the global ones."""
+        if head.shared is None:
+            return self.features(split)
+        return self.features(split, with_shared(self.model.tail(self.boundary), head.shared))
 
     @torch.no_grad()
     def evaluate(self, global_id: str = "") -> dict[str, float]:
@@ -361,7 +386,8 @@ class SiteSession:
         if len(self.test.labels) == 0:
             raise ValueError("this site has no test images; lower data.test_fraction or add patients")
         if self.config.training.personal_head == "linear_probe":
-            return self._personal_head(global_id).logits(self.features(self.test).double())
+            head = self._personal_head(global_id)
+            return head.logits(self.personal_features(head, self.test).double())
         return self.trained_head_logits(self.test)
 
     def _personal_head(self, global_id: str) -> PersonalHead:

@@ -3,7 +3,8 @@
 A site's usable model is: the frozen backbone (``backbones/<fingerprint>.pt``, with the image
 normalisation it was trained with), the global shared layers (``global_layers.pt``), the site's
 local head (``local_head.pt``, when it has one) and its personal head (``personal_head.pt``: the
-linear probe fitted on those global layers), described by ``site_model.json``
+linear probe fitted on those global layers, with the site's own fine-tuned copy of them when
+``training.personal_finetune_epochs`` made one), described by ``site_model.json``
 (:mod:`client.inference.site_model_record`: configuration, operating point, test metrics). Every
 missing or mismatched piece is a :class:`SiteModelError` naming the file and the fix.
 
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 
 from client.inference.operating_point import OperatingPoint
 from client.inference.site_model_record import SiteModelError, read_record
+from client.personal_head import SHARED_PREFIX
 from client.site_settings import resolve_device
 from client.site_state import SiteState, SiteStateError
 from common.config import FederationConfig
@@ -160,7 +162,6 @@ def load_site_model(state_dir: str | Path, device: str = "cpu") -> SiteModel:
         raise SiteModelError(f"{state.global_layers_path} lacks shared tensors {sorted(missing)[:3]} of this model; "
                              "it belongs to another configuration. Restore the site's own file.")
     full.update({name: held[1][name] for name in groups.shared})
-    model.load_state_dict(full)
 
     personal = None
     if record["head"] == "linear_probe":
@@ -175,6 +176,13 @@ def load_site_model(state_dir: str | Path, device: str = "cpu") -> SiteModel:
                 f"{root / 'site_model.json'} describes; the next evaluation round makes them agree."
             )
         personal = PersonalHeadLayer(head_state)
+        own_layers = {name[len(SHARED_PREFIX):]: tensor for name, tensor in head_state.items()
+                      if name.startswith(SHARED_PREFIX)}
+        if own_layers and set(own_layers) != set(groups.shared):
+            raise SiteModelError(f"{state.personal_head_path} holds a fine-tuned copy of other shared layers than "
+                                 "this model's; it is fitted again at the site's next evaluation round.")
+        full.update(own_layers)  # the site's fine-tuned copy (training.personal_finetune_epochs), else none
+    model.load_state_dict(full)
 
     torch_device = resolve_device(device)
     classifier = SiteClassifier(model, personal).to(torch_device).eval()

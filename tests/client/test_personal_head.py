@@ -18,13 +18,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from client.personal_head import PersonalHead, balanced_weights, fit_logistic, fit_personal_head, patient_folds
-from client.site_session import SiteSession
-from client.site_settings import SiteSettings
-from client.site_state import SiteState, tensor_fingerprint
-from common.models.backbones import build_backbone
-from common.config import FederationConfig
-from common.models.layer_policy import apply_policy, resolve_policy
-from common.data.synthetic_hospitals import generate_federation
+from tests.client.hospital_fixture import dp_round, open_site
 
 
 
@@ -92,37 +86,6 @@ def test_a_personal_head_separates_what_a_linear_rule_separates_and_round_trips_
 # ---------------------------------------------------------------------------------------------
 # On a real site session (a synthetic hospital, a randomly initialised backbone, 32 px)
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def hospital(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, FederationConfig, dict[str, torch.Tensor]]:
-    root = tmp_path_factory.mktemp("hospital")
-    manifest = generate_federation(root / "data", num_sites=1, seed=5, image_size=32, site_sizes=[64])[0]
-    config = FederationConfig.from_dict({
-        "model": {"architecture": "resnet18", "image_size": 32},
-        "privacy": {"enabled": True, "target_epsilon": 8.0},
-        "training": {"rounds": 2, "local_epochs": 1, "batch_size": 16, "device": "cpu"},
-    })
-    torch.manual_seed(0)
-    model = build_backbone(config.model, load_weights=False)
-    groups = apply_policy(model, resolve_policy(config.policy, "resnet18"))
-    backbone = {k: v.clone() for k, v in model.state_dict().items() if k not in set(groups.local)}
-    return Path(manifest), config, backbone
-
-
-def open_site(hospital: tuple[Path, FederationConfig, dict[str, torch.Tensor]], state_dir: Path,
-              config: FederationConfig | None = None) -> SiteSession:
-    manifest, default_config, backbone = hospital
-    fingerprint = tensor_fingerprint(backbone)
-    SiteState(state_dir).store_backbone(fingerprint, backbone, {"mean": [0.5], "std": [0.25], "source": "test"})
-    settings = SiteSettings(site_name="hospital-a", manifest=manifest, state_dir=state_dir, device="cpu",
-                            storage="memory")
-    return SiteSession.open(settings, config or default_config, fingerprint)
-
-
-def dp_round(session: SiteSession) -> dict[str, torch.Tensor]:
-    session.train_round(1, proximal_mu=0.0, ledger=session.privacy_ledger())
-    return session.shared_state()
 
 
 def test_the_shared_update_is_bit_identical_whatever_the_personal_head(hospital, tmp_path: Path) -> None:  # noqa: ANN001

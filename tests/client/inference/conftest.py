@@ -57,3 +57,10 @@ def make_trained_site(root: Path, *, images: int = 48, seed: int = 5, config_ove
 @pytest.fixture(scope="session")
 def trained_site(tmp_path_factory: pytest.TempPathFactory) -> TrainedSite:
     return make_trained_site(tmp_path_factory.mktemp("trained-site"))
+
+
+@pytest.fixture(scope="session")
+def finetuned_site(tmp_path_factory: pytest.TempPathFactory) -> TrainedSite:
+    """The same site whose personal model fine-tunes its own copy of the shared layers (LP-FT)."""
+    return make_trained_site(tmp_path_factory.mktemp("finetuned-site"), config_overrides={"training": {
+        "rounds": 1, "batch_size": 16, "device": "cpu", "personal_finetune_epochs": 2}})

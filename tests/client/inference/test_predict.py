@@ -66,14 +66,18 @@ def test_a_folder_gives_a_row_per_file_in_sorted_order(trained_site, tmp_path) -
     assert all(r["status"] == STATUS_OK for r in rows)
 
 
-def test_a_manifest_predicts_what_the_sites_own_evaluation_saw(trained_site) -> None:  # noqa: ANN001
-    """The test patients' probabilities equal the personal head on the session's cached features (same pixels)."""
+@pytest.mark.parametrize("site_fixture", ["trained_site", "finetuned_site"])
+def test_a_manifest_predicts_what_the_sites_own_evaluation_saw(site_fixture: str, request) -> None:  # noqa: ANN001
+    """The test patients' probabilities equal the personal head on the session's cached features (same pixels),
+    also when the personal model holds the site's own fine-tuned copy of the shared layers."""
+    trained_site = request.getfixturevalue(site_fixture)
     session = trained_site.session
     model = load_site_model(trained_site.state_dir)
     inputs = discover_inputs(trained_site.manifest)
     run = run_predictions(model, inputs, progress=False, batch_size=7)
     assert len(run.predictions) == len(inputs) and all(p.status == STATUS_OK for p in run.predictions)
-    expected = session._personal_head(GLOBAL_ID).logits(session.features(session.test).double()).softmax(1)
+    head = session._personal_head(GLOBAL_ID)
+    expected = head.logits(session.personal_features(head, session.test).double()).softmax(1)
     by_path = {p.shown: p.probabilities for p in run.predictions}
     manifest_rows = _rows(trained_site.manifest)
     test_paths = _test_paths(session, manifest_rows)
