@@ -33,6 +33,8 @@ L2_GRID: tuple[float, ...] = tuple(10.0**e for e in (-3, -2, -1.5, -1, -0.5, 0, 
 
 MAX_FOLDS = 5
 
+LAYER_SOURCES = ("global", "pretrained", "fine-tuned")
+
 SHARED_PREFIX = "shared/"
 """State-dict prefix of the personal copy of the shared layers, when the site fine-tuned one."""
 
@@ -47,9 +49,11 @@ class PersonalHead:
     bias: torch.Tensor  # (num_classes,)
     l2: float
     folds: int  # 0 when there were too few patients to cross-validate and the default strength was used
+    validation_loss: float = math.nan  # cross-validated class-balanced log-loss at ``l2`` (nan without folds)
+    layers: str = "global"  # which shared layers the features come from: "global", "pretrained" or "fine-tuned"
     shared: Mapping[str, torch.Tensor] | None = field(default=None, repr=False)
-    """The site's own fine-tuned copy of the shared layers (``client.personal_finetune``) the features
-    come from; ``None``: the global shared layers."""
+    """The shared-layer tensors the features come from when they are not the global ones (the
+    pretrained layers, or the site's own fine-tuned copy, ``client.personal_finetune``)."""
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         x = (features.double() - self.mean) / self.scale
@@ -57,7 +61,9 @@ class PersonalHead:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {"mean": self.mean, "scale": self.scale, "weight": self.weight, "bias": self.bias,
-                 "l2": torch.tensor(self.l2, dtype=torch.float64), "folds": torch.tensor(self.folds)}
+                 "l2": torch.tensor(self.l2, dtype=torch.float64), "folds": torch.tensor(self.folds),
+                 "validation_loss": torch.tensor(self.validation_loss, dtype=torch.float64),
+                 "layers": torch.tensor(LAYER_SOURCES.index(self.layers))}
         state.update({SHARED_PREFIX + name: tensor for name, tensor in (self.shared or {}).items()})
         return state
 
@@ -65,7 +71,9 @@ class PersonalHead:
     def from_state_dict(cls, state: Mapping[str, torch.Tensor]) -> PersonalHead:
         shared = {name[len(SHARED_PREFIX):]: tensor for name, tensor in state.items() if name.startswith(SHARED_PREFIX)}
         return cls(mean=state["mean"], scale=state["scale"], weight=state["weight"], bias=state["bias"],
-                   l2=float(state["l2"]), folds=int(state["folds"]), shared=shared or None)
+                   l2=float(state["l2"]), folds=int(state["folds"]),
+                   validation_loss=float(state.get("validation_loss", math.nan)),
+                   layers=LAYER_SOURCES[int(state.get("layers", 0))], shared=shared or None)
 
 
 def balanced_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -186,10 +194,13 @@ def fit_personal_head_with_validation(
         chosen = min(range(len(grid)), key=lambda i: (scores[i], -grid[i]))
         l2 = grid[chosen]
         out_of_fold = held_out[chosen].float()
+        validation_loss = scores[chosen]
     else:
         l2 = 1.0 / len(y)  # scikit-learn's default C=1
+        validation_loss = math.nan
     weight, bias = fit_logistic(z, y, num_classes, l2, balanced_weights(y, num_classes))
     if not math.isfinite(float(weight.abs().sum())):
         raise ValueError("the personal head did not converge (non-finite weights); check the site's features")
-    head = PersonalHead(mean=mean, scale=scale, weight=weight, bias=bias, l2=l2, folds=len(folds))
+    head = PersonalHead(mean=mean, scale=scale, weight=weight, bias=bias, l2=l2, folds=len(folds),
+                        validation_loss=validation_loss)
     return head, out_of_fold

@@ -86,6 +86,7 @@ class SiteSession:
     state: SiteState
     _named: dict[str, nn.Parameter] = field(default_factory=dict)
     _head_stamp: tuple[int, int, int] | None = None  # the local-head file this session's head matches
+    _pretrained_shared: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # the backbone's own
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -163,6 +164,8 @@ class SiteSession:
             state=state,
         )
         session._named = dict(model.named_parameters())
+        if all(name in backbone_tensors for name in groups.shared):
+            session._pretrained_shared = {name: backbone_tensors[name] for name in groups.shared}
         session._head_stamp = state.local_head_stamp()
         logger.info("[%s] ready: %d train / %d test images, trunk cut at stage %d, inputs in %s",
                     settings.site_name, len(train_idx), len(test_idx), boundary, inputs.storage)
@@ -319,12 +322,25 @@ class SiteSession:
         probe, and with ``training.personal_finetune_epochs`` its LP-FT copy of the shared layers with the
         probe fitted again on their features (``client.personal_finetune``)."""
         num_classes = self.config.model.num_classes
+        training = self.config.training
         head, out_of_fold = fit_personal_head_with_validation(self.features(self.train), self.train.labels,
                                                               self.train.patients, num_classes)
-        training = self.config.training
+        if training.personal_layers == "validated" and self._pretrained_shared and head.folds:
+            # The pretrained layers compete with the global ones on the site's own validation patients:
+            # where DP noise or other sites' data made the global features worse here, the site keeps its
+            # best model (the probe's cross-validated loss; the global layers win ties).
+            pretrained_tail = with_shared(self.model.tail(self.boundary), self._pretrained_shared)
+            rival, rival_out_of_fold = fit_personal_head_with_validation(
+                self.features(self.train, pretrained_tail), self.train.labels, self.train.patients, num_classes)
+            if rival.validation_loss < head.validation_loss:
+                head = dataclasses.replace(rival, layers="pretrained", shared=self._pretrained_shared)
+                out_of_fold = rival_out_of_fold
         if training.personal_finetune_epochs:
+            start_tail = self.model.tail(self.boundary)
+            if head.shared is not None:
+                start_tail = with_shared(start_tail, head.shared)
             tuned = finetune_personal_layers(
-                self.model.tail(self.boundary), head, self.train.inputs, self.train.clinical, self.train.labels,
+                start_tail, head, self.train.inputs, self.train.clinical, self.train.labels,
                 shared_names=list(self.groups.shared), num_classes=num_classes,
                 epochs=training.personal_finetune_epochs, learning_rate=training.personal_finetune_learning_rate,
                 batch_size=training.batch_size, seed=_site_seed(self.config.seed, self.settings.site_name) + 17,
@@ -333,11 +349,11 @@ class SiteSession:
             personal_tail = with_shared(self.model.tail(self.boundary), tuned)
             head, out_of_fold = fit_personal_head_with_validation(
                 self.features(self.train, personal_tail), self.train.labels, self.train.patients, num_classes)
-            head = dataclasses.replace(head, shared=tuned)
+            head = dataclasses.replace(head, layers="fine-tuned", shared=tuned)
         self.state.save_personal_head(head.state_dict(), global_id=global_id, backbone_fingerprint=self.fingerprint)
         self._record_model(global_id, None if out_of_fold is None else out_of_fold.softmax(dim=1))
-        logger.info("[%s] personal head fitted (L2 %.3g, %d patient folds%s)", self.settings.site_name, head.l2,
-                    head.folds, f", {training.personal_finetune_epochs} fine-tune epochs" if head.shared else "")
+        logger.info("[%s] personal head fitted on the %s layers (L2 %.3g, %d patient folds)", self.settings.site_name,
+                    head.layers, head.l2, head.folds)
         return head
 
     def personal_features(self, head: PersonalHead, split: Split) -> torch.Tensor:

@@ -151,6 +151,13 @@ class TrainingConfig(_Section):
         "classifier on the global features after every round (never sent, never used in a DP step); 'none' "
         "uses the head trained with the shared layers",
     )
+    personal_layers: Literal["validated", "global"] = Field(
+        "global",
+        description="which shared layers the linear-probe personal head sits on: 'validated' fits it on the "
+        "global and on the pretrained layers and keeps the one with the lower cross-validated loss on the site's "
+        "own training patients (so DP noise cannot leave a site below its pretrained features); 'global' always "
+        "the global ones",
+    )
     personal_finetune_epochs: int = Field(
         0, ge=0, le=100,
         description="with the linear-probe personal head: epochs each site then fine-tunes its own copy of the "

@@ -1,8 +1,10 @@
-"""The personal fine-tune (LP-FT): a site's own copy of the shared layers, tuned with its probe, DP off.
+"""The personal model's layers: validated against the pretrained ones, and the fine-tune (LP-FT), DP off.
 
-It must start exactly where the linear probe is, never change what the site sends (the next DP
-update is bit-identical with or without it), be reproducible, travel with the personal head on the
-site's disk, and be what the site's evaluation measures.
+A site's probe sits on the global shared layers, on the pretrained ones where those validate better
+on its own patients, or on its own fine-tuned copy. Whichever, it must never change what the site
+sends (the next DP update is bit-identical with or without it); the fine-tune must start exactly
+where the linear probe is, be reproducible, travel with the personal head on the site's disk, and
+be what the site's evaluation measures.
 """
 
 from __future__ import annotations
@@ -17,9 +19,30 @@ from common.config import FederationConfig
 from tests.client.hospital_fixture import dp_round, open_site
 
 
-def with_finetune(config: FederationConfig, epochs: int = 3) -> FederationConfig:
+def with_finetune(config: FederationConfig, epochs: int = 3, layers: str = "validated") -> FederationConfig:
     return config.model_copy(update={"training": config.training.model_copy(
-        update={"personal_finetune_epochs": epochs, "personal_finetune_learning_rate": 0.05})})
+        update={"personal_finetune_epochs": epochs, "personal_finetune_learning_rate": 0.05,
+                "personal_layers": layers})})
+
+
+def test_the_probe_moves_to_the_pretrained_layers_only_where_they_validate_better(hospital, tmp_path: Path) -> None:  # noqa: ANN001
+    _manifest, config, _backbone = hospital
+    session = open_site(hospital, tmp_path / "validated", with_finetune(config, epochs=0))
+    same = session.fit_personal_head()
+    assert same.layers == "global" and same.shared is None, "identical layers: the global ones win the tie"
+
+    pretrained = session.shared_state()
+    session.load_shared({name: torch.zeros_like(t) if t.is_floating_point() else t for name, t in pretrained.items()})
+    rescued = session.fit_personal_head()  # all-zero global layers: features without information
+    assert rescued.layers == "pretrained" and rescued.shared is not None
+    for name, tensor in rescued.shared.items():
+        assert torch.equal(tensor, pretrained[name]), name
+    assert torch.equal(session.shared_state()[next(iter(pretrained))], torch.zeros_like(next(iter(pretrained.values())))), \
+        "the choice never touches the layers the site trains and sends"
+
+    always_global = open_site(hospital, tmp_path / "global", with_finetune(config, epochs=0, layers="global"))
+    always_global.load_shared(session.shared_state())
+    assert always_global.fit_personal_head().layers == "global"
 
 
 def test_the_fine_tune_starts_from_the_linear_probe_itself(hospital, tmp_path: Path) -> None:  # noqa: ANN001
