@@ -60,6 +60,7 @@ def build_card(site_model: SiteModel, state_dir: Path, model_file: str | None) -
             "format": "TorchScript (torch.jit.load)",
             "architecture": config.model.architecture,
             "personal_head": site_model.record.get("head"),
+            "personal_layers": site_model.personal_layers,
             "shared_layers": list(resolve_policy(config.policy, config.model.architecture).shared),
             "inputs": [f"images: preprocessed, {shape}"]
             + ([f"clinical: float32 (N, {num_clinical}) = {', '.join(config.model.clinical_features)}"]
@@ -103,7 +104,8 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"- classes: {', '.join(card['classes'])}",
         f"- backbone: {card['backbone']['source']} (fingerprint `{card['backbone']['fingerprint']}`)",
         f"- global shared layers: `{card['global_layers']['id']}` (last round this site trained: "
-        f"{card['global_layers']['last_trained_round']}); head: {model['personal_head']}",
+        f"{card['global_layers']['last_trained_round']}); head: {model['personal_head']} on the "
+        f"{model.get('personal_layers', 'global')} shared layers",
         "",
         "## Preprocessing (apply exactly this before the model)",
         "",

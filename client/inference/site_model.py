@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from client.inference.operating_point import OperatingPoint
 from client.inference.site_model_record import SiteModelError, read_record
-from client.personal_head import SHARED_PREFIX
+from client.personal_head import LAYER_SOURCES, SHARED_PREFIX
 from client.site_settings import resolve_device
 from client.site_state import SiteState, SiteStateError
 from common.config import FederationConfig
@@ -97,6 +97,7 @@ class SiteModel:
     test_metrics: dict[str, float] | None
     device: torch.device
     record: dict[str, Any] = field(repr=False, default_factory=dict)
+    personal_layers: str = "global"  # the shared layers under the personal head: global, pretrained or fine-tuned
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -164,6 +165,7 @@ def load_site_model(state_dir: str | Path, device: str = "cpu") -> SiteModel:
     full.update({name: held[1][name] for name in groups.shared})
 
     personal = None
+    personal_layers = "global"
     if record["head"] == "linear_probe":
         stored_head = state.load_personal_head()
         if stored_head is None:
@@ -181,7 +183,8 @@ def load_site_model(state_dir: str | Path, device: str = "cpu") -> SiteModel:
         if own_layers and set(own_layers) != set(groups.shared):
             raise SiteModelError(f"{state.personal_head_path} holds a fine-tuned copy of other shared layers than "
                                  "this model's; it is fitted again at the site's next evaluation round.")
-        full.update(own_layers)  # the site's fine-tuned copy (training.personal_finetune_epochs), else none
+        full.update(own_layers)  # the pretrained layers or the site's fine-tuned copy, when the head chose them
+        personal_layers = LAYER_SOURCES[int(head_state.get("layers", 0))]
     model.load_state_dict(full)
 
     torch_device = resolve_device(device)
@@ -196,5 +199,5 @@ def load_site_model(state_dir: str | Path, device: str = "cpu") -> SiteModel:
         classifier=classifier, preprocessing=preprocessing, config=config, operating_point=record["operating_point"],
         backbone_fingerprint=fingerprint, backbone_source=str(meta.get("source", "unknown")), global_id=global_id,
         last_trained_round=record.get("last_trained_round"), test_metrics=record.get("test_metrics"),
-        device=torch_device, record=record,
+        device=torch_device, record=record, personal_layers=personal_layers,
     )

@@ -63,6 +63,7 @@ def test_the_model_card_names_the_model_its_origin_its_decision_rule_its_metrics
     assert card["backbone"]["fingerprint"] == trained_site.session.fingerprint
     assert card["backbone"]["source"] == "test: random init"
     assert card["global_layers"]["id"] == GLOBAL_ID
+    assert card["model"]["personal_layers"] == "global"
     assert card["classes"] == ["normal", "finding"]
     assert card["preprocessing"]["key"] == "g1-s32-c1-m0.5-sd0.25"
     assert card["operating_point"]["threshold"] == pytest.approx(record["operating_point"]["threshold"])
@@ -70,7 +71,8 @@ def test_the_model_card_names_the_model_its_origin_its_decision_rule_its_metrics
         assert key in card["test_metrics"]
     assert card["privacy"]["enabled"] is False and "DP was off" in card["privacy"]["note"]
     markdown = (exported / "model_card.md").read_text()
-    for text in ("resnet18", GLOBAL_ID, "Decision rule", "95% patient-bootstrap interval", "Privacy spent"):
+    for text in ("resnet18", GLOBAL_ID, "Decision rule", "95% patient-bootstrap interval", "Privacy spent",
+                 "on the global shared layers"):
         assert text in markdown
 
 

@@ -77,6 +77,7 @@ def test_a_manifest_predicts_what_the_sites_own_evaluation_saw(site_fixture: str
     run = run_predictions(model, inputs, progress=False, batch_size=7)
     assert len(run.predictions) == len(inputs) and all(p.status == STATUS_OK for p in run.predictions)
     head = session._personal_head(GLOBAL_ID)
+    assert model.personal_layers == head.layers == ("fine-tuned" if site_fixture == "finetuned_site" else "global")
     expected = head.logits(session.personal_features(head, session.test).double()).softmax(1)
     by_path = {p.shown: p.probabilities for p in run.predictions}
     manifest_rows = _rows(trained_site.manifest)
