@@ -270,17 +270,32 @@ class SiteSession:
         return RoundOutcome(status=STATUS_OK, num_examples=trained.num_examples, train_loss=trained.mean_loss,
                             steps=trained.steps, epsilon=epsilon, delta=delta, shared=self.shared_state())
 
+    def trained_shared_names(self) -> list[str]:
+        """The shared parameters this site trains (``training.shared_trainable``); the others keep their global
+        values this round (and their change is zero)."""
+        mode = self.config.training.shared_trainable
+        if mode == "auto":
+            mode = "scale_shift" if self.config.privacy.enabled else "all"
+        names = [n for n in self.groups.shared if n in self._named]
+        if mode == "scale_shift":
+            names = [n for n in names if n.rsplit(".", 2)[-2:-1] == ["adapter"]]
+            if not names:
+                raise ValueError("training.shared_trainable = 'scale_shift' needs norm layers in the shared block; "
+                                 "this architecture's shared layers have none: use 'all'")
+        return names
+
     def train_round(self, server_round: int, proximal_mu: float, ledger: PrivacyLedger | None) -> TrainingOutcome:
         training = self.config.training
         global_shared = self.shared_state()
         weights = self.loss_weights()
         seed = _site_seed(self.config.seed, self.settings.site_name) * 1000 + server_round
+        trained_shared = self.trained_shared_names()
         outcome = train_tail(
             self.model.tail(self.boundary),
             self.train.inputs,
             self.train.clinical,
             self.train.labels,
-            named_shared=[(n, self._named[n]) for n in self.groups.shared],
+            named_shared=[(n, self._named[n]) for n in trained_shared],
             named_local=[(n, self._named[n]) for n in self.groups.local if n in self._named],
             training=training,
             privacy=self.config.privacy,

@@ -151,6 +151,12 @@ class TrainingConfig(_Section):
         "classifier on the global features after every round (never sent, never used in a DP step); 'none' "
         "uses the head trained with the shared layers",
     )
+    shared_trainable: Literal["auto", "all", "scale_shift"] = Field(
+        "all",
+        description="which values of the shared layers a site trains: 'all', or 'scale_shift' (only the per-channel "
+        "scale and shift after each of their norms: a few thousand values instead of millions, so under DP far "
+        "less noise per step); 'auto': 'scale_shift' with DP on, 'all' with DP off",
+    )
     personal_layers: Literal["validated", "global"] = Field(
         "global",
         description="which shared layers the linear-probe personal head sits on: 'validated' fits it on the "

@@ -46,7 +46,26 @@ class TrainingOutcome:
     num_examples: int
 
 
-def train_tail(
+def train_tail(tail: nn.Module, *args: object, named_shared: list[tuple[str, nn.Parameter]],
+               named_local: list[tuple[str, nn.Parameter]], **kwargs: object) -> TrainingOutcome:
+    """Train ``tail(inputs, clinical) -> logits`` for ``training.local_epochs`` epochs (see :func:`_train_tail`).
+
+    Only ``named_shared`` and ``named_local`` are trained: any other parameter of ``tail`` that requires a
+    gradient (a shared value the site leaves alone, ``training.shared_trainable``) is set not to for the
+    call, so Opacus neither clips nor noises it, and restored afterwards.
+    """
+    trained = {id(p) for _, p in named_shared + named_local}
+    paused = [p for p in tail.parameters() if p.requires_grad and id(p) not in trained]
+    for p in paused:
+        p.requires_grad_(False)
+    try:
+        return _train_tail(tail, *args, named_shared=named_shared, named_local=named_local, **kwargs)  # type: ignore[arg-type]
+    finally:
+        for p in paused:
+            p.requires_grad_(True)
+
+
+def _train_tail(
     tail: nn.Module,
     inputs: torch.Tensor,
     clinical: torch.Tensor,

@@ -2,8 +2,10 @@
 
 :func:`make_opacus_safe` rewrites a freshly built torchvision model in place:
 
-* every ``BatchNorm2d`` becomes ``torchvision.ops.misc.FrozenBatchNorm2d`` with the same
-  statistics (it never mixes samples, even after ``model.train()``);
+* every ``BatchNorm2d`` becomes a ``torchvision.ops.misc.FrozenBatchNorm2d`` with the same
+  statistics (it never mixes samples, even after ``model.train()``), followed by a per-channel
+  scale/shift adapter that starts as the identity
+  (:class:`~common.models.opacus_compat.AdaptableFrozenBatchNorm2d`);
 * every ``inplace=True`` activation / dropout is switched to out-of-place;
 * residual blocks that add the shortcut in place (ResNet ``BasicBlock``/``Bottleneck``,
   EfficientNet ``MBConv``/``FusedMBConv``, MobileNetV3 ``InvertedResidual``, ConvNeXt
@@ -30,7 +32,7 @@ from torchvision.models.mobilenetv3 import InvertedResidual
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops.misc import FrozenBatchNorm2d, Permute
 
-from common.models.opacus_compat import BatchFirstDPMultiheadAttention, LayerScale
+from common.models.opacus_compat import AdaptableFrozenBatchNorm2d, BatchFirstDPMultiheadAttention, LayerScale
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +145,7 @@ def frozen_batch_norm(module: nn.Module) -> FrozenBatchNorm2d | None:
         raise TypeError(f"cannot freeze {type(module).__name__}: only BatchNorm2d is supported")
     if module.running_mean is None or module.running_var is None:
         raise TypeError("cannot freeze a BatchNorm2d without running statistics (track_running_stats=False)")
-    frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
+    frozen = AdaptableFrozenBatchNorm2d(module.num_features, eps=module.eps)
     with torch.no_grad():
         if module.weight is not None:
             frozen.weight.copy_(module.weight)

@@ -24,6 +24,7 @@ from opacus.grad_sample import register_grad_sampler, register_norm_sampler
 from opacus.layers import DPMultiheadAttention
 from torch import Tensor, nn
 from torchvision.models.convnext import LayerNorm2d
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 import common.models.conv_norm_samplers  # noqa: F401  (registers conv / norm ghost-clipping samplers)
 
@@ -48,6 +49,40 @@ class LayerScale(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.scale.shape[0]}"
+
+
+class ChannelAffine(nn.Module):
+    """Per-channel scale and shift of a ``(N, C, H, W)`` map: ``x * scale + shift``, starting as the identity.
+
+    It sits inside every frozen BatchNorm (:class:`AdaptableFrozenBatchNorm2d`) so that a block can
+    be adapted by ``2 C`` values per norm instead of its convolutions (``training.shared_trainable =
+    "scale_shift"``): under DP, fewer trainable values means less noise for the same privacy.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(channels))
+        self.shift = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale[None, :, None, None] + self.shift[None, :, None, None]
+
+    def extra_repr(self) -> str:
+        return f"channels={self.scale.shape[0]}"
+
+
+class AdaptableFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """torchvision's ``FrozenBatchNorm2d`` (statistics and affine values are buffers, never trained) followed
+    by a :class:`ChannelAffine` child ``adapter`` (identity until trained). The state-dict keys of the
+    BatchNorm itself are unchanged (``bn1.weight``, ``bn1.running_mean``...), so pretrained weights load
+    as before; the adapter adds ``bn1.adapter.scale`` and ``bn1.adapter.shift``."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__(num_features, eps=eps)
+        self.adapter = ChannelAffine(num_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.adapter(super().forward(x))
 
 
 class BatchFirstDPMultiheadAttention(DPMultiheadAttention):
@@ -105,6 +140,27 @@ def layer_scale_norm_sample(
     }
 
 
+def channel_affine_grad_sample(
+    layer: ChannelAffine, activations: list[Tensor], backprops: Tensor
+) -> dict[nn.Parameter, Tensor]:
+    """Per-sample gradients of ``ChannelAffine``: scale = sum over space of input x output-gradient, shift = sum
+    of the output gradient; each ``(N, C)``."""
+    grads: dict[nn.Parameter, Tensor] = {}
+    if layer.scale.requires_grad:
+        grads[layer.scale] = (activations[0].to(backprops.dtype) * backprops).sum(dim=(2, 3))
+    if layer.shift.requires_grad:
+        grads[layer.shift] = backprops.sum(dim=(2, 3))
+    return grads
+
+
+def channel_affine_norm_sample(
+    layer: ChannelAffine, activations: list[Tensor], backprops: Tensor
+) -> dict[nn.Parameter, Tensor]:
+    """Per-sample gradient norms of ``ChannelAffine`` (one channel vector per sample: materialised)."""
+    return {param: grad.norm(2, dim=1)
+            for param, grad in channel_affine_grad_sample(layer, activations, backprops).items()}
+
+
 def layer_norm_2d_grad_sample(
     layer: LayerNorm2d, activations: list[Tensor], backprops: Tensor
 ) -> dict[nn.Parameter, Tensor]:
@@ -123,8 +179,10 @@ def register_opacus_rules() -> None:
     """Register this module's grad and norm samplers with Opacus (idempotent; done on import)."""
     register_grad_sampler(LayerScale)(layer_scale_grad_sample)
     register_norm_sampler(LayerScale)(layer_scale_norm_sample)
+    register_grad_sampler(ChannelAffine)(channel_affine_grad_sample)
+    register_norm_sampler(ChannelAffine)(channel_affine_norm_sample)
     register_grad_sampler(LayerNorm2d)(layer_norm_2d_grad_sample)
-    logger.debug("registered Opacus rules for LayerScale and LayerNorm2d")
+    logger.debug("registered Opacus rules for LayerScale, ChannelAffine and LayerNorm2d")
 
 
 register_opacus_rules()

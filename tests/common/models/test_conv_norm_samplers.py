@@ -228,3 +228,38 @@ def test_ghost_mode_gives_the_explicitly_clipped_gradient_sum(
     optimizer.pre_step()
     averaged = torch.cat([p.grad.flatten() for p in model.parameters()])
     torch.testing.assert_close(averaged, expected_sum / batch, rtol=1e-4, atol=1e-7)
+
+
+def test_channel_affine_grad_and_norm_samples_equal_explicit_per_sample_ones() -> None:
+    from common.models.opacus_compat import ChannelAffine, channel_affine_grad_sample, channel_affine_norm_sample
+
+    torch.manual_seed(3)
+    layer = ChannelAffine(5)
+    with torch.no_grad():
+        layer.scale.uniform_(0.5, 1.5)
+        layer.shift.normal_()
+    inputs, backprops = torch.randn(4, 5, 3, 3), torch.randn(4, 5, 3, 3)
+    expected = explicit_per_sample_norms(layer, inputs, backprops)
+    norms = channel_affine_norm_sample(layer, [inputs], backprops)
+    torch.testing.assert_close(norms[layer.scale], expected["scale"])
+    torch.testing.assert_close(norms[layer.shift], expected["shift"])
+    grads = channel_affine_grad_sample(layer, [inputs], backprops)
+    layer.zero_grad()
+    (layer(inputs[1:2]) * backprops[1:2]).sum().backward()
+    torch.testing.assert_close(grads[layer.scale][1], layer.scale.grad)
+    torch.testing.assert_close(grads[layer.shift][1], layer.shift.grad)
+
+
+def test_the_batch_norm_adapter_starts_as_the_identity_and_keeps_the_frozen_keys() -> None:
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    from common.models.opacus_compat import AdaptableFrozenBatchNorm2d
+
+    plain, adaptable = FrozenBatchNorm2d(4), AdaptableFrozenBatchNorm2d(4)
+    state = {k: torch.rand_like(v) + 0.5 for k, v in plain.state_dict().items()}
+    plain.load_state_dict(state)
+    adaptable.load_state_dict(state, strict=False)
+    x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(adaptable(x), plain(x))
+    assert set(adaptable.state_dict()) == set(plain.state_dict()) | {"adapter.scale", "adapter.shift"}
+    assert not any(True for _ in adaptable.parameters(recurse=False)), "the norm owns buffers only (Opacus rule)"

@@ -1,0 +1,52 @@
+"""``training.shared_trainable``: which values of the shared layers a site trains.
+
+With ``scale_shift`` a DP round trains only the per-channel scale/shift adapters of the shared
+block (and the local head): the convolutions keep their global values bit for bit, Opacus noises
+only what is trained, the privacy spent is the same accounting, and the model is left as it was
+found (every shared parameter trainable again for the next round).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.config import FederationConfig
+from tests.client.hospital_fixture import open_site
+
+
+def trainable(config: FederationConfig, mode: str, *, unit: str = "patient") -> FederationConfig:
+    return config.model_copy(update={
+        "training": config.training.model_copy(update={"shared_trainable": mode}),
+        "privacy": config.privacy.model_copy(update={"unit": unit}),
+    })
+
+
+@pytest.mark.parametrize("unit", ["patient", "image"])
+def test_scale_shift_trains_only_the_adapters_of_the_shared_block(hospital, tmp_path: Path, unit: str) -> None:  # noqa: ANN001
+    _manifest, config, _backbone = hospital
+    session = open_site(hospital, tmp_path / unit, trainable(config, "scale_shift", unit=unit))
+    names = session.trained_shared_names()
+    assert names and all(".adapter." in n for n in names)
+    before = session.shared_state()
+    outcome = session.run_round(1, proximal_mu=0.0)
+    assert outcome.shared is not None and outcome.epsilon > 0
+    for name, tensor in outcome.shared.items():
+        if name in names:
+            assert not torch.equal(tensor, before[name]), f"{name} was trained (signal and noise)"
+        else:
+            assert torch.equal(tensor, before[name]), f"{name} must keep its global value"
+    assert all(p.requires_grad for n, p in session.model.named_parameters() if n in session.groups.shared), \
+        "every shared parameter is trainable again after the round"
+
+
+def test_auto_means_scale_shift_with_dp_and_everything_without(hospital, tmp_path: Path) -> None:  # noqa: ANN001
+    _manifest, config, _backbone = hospital
+    with_dp = open_site(hospital, tmp_path / "dp", trainable(config, "auto"))
+    assert all(".adapter." in n for n in with_dp.trained_shared_names())
+    no_dp = config.model_copy(update={"privacy": config.privacy.model_copy(update={"enabled": False}),
+                                      "training": config.training.model_copy(update={"shared_trainable": "auto"})})
+    without = open_site(hospital, tmp_path / "no-dp", no_dp)
+    assert set(without.trained_shared_names()) == {n for n in without.groups.shared if n in without._named}
