@@ -33,6 +33,7 @@ from common.data.patient_split import class_weights, split_by_patient
 from common.data.site_dataset import SiteData, load_site_dataset
 from common.models.backbones import build_backbone
 from common.models.fed_model import FedModel, StagesTail
+from common.models.opacus_compat import ADAPTER_SUFFIXES
 from common.models.layer_policy import ParameterGroups, apply_policy, first_trainable_stage, resolve_policy
 from common.wire_contract import STATUS_DECLINED_BUDGET, STATUS_OK
 
@@ -278,7 +279,7 @@ class SiteSession:
             mode = "scale_shift" if self.config.privacy.enabled else "all"
         names = [n for n in self.groups.shared if n in self._named]
         if mode == "scale_shift":
-            names = [n for n in names if n.rsplit(".", 2)[-2:-1] == ["adapter"]]
+            names = [n for n in names if n.endswith(ADAPTER_SUFFIXES)]
             if not names:
                 raise ValueError("training.shared_trainable = 'scale_shift' needs norm layers in the shared block; "
                                  "this architecture's shared layers have none: use 'all'")

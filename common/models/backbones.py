@@ -37,6 +37,7 @@ from common.models.model_weights import (
     load_torchvision_state_dict,
 )
 from common.models.fed_model import FedModel, LocalHead
+from common.models.opacus_compat import ADAPTER_SUFFIXES
 from common.models.state_groups import StateMismatchError, merge_state
 
 
@@ -111,9 +112,15 @@ def from_torchvision_state(config: ModelConfig, state: Mapping[str, Tensor] | No
 
 
 def load_fedtl_state(model: FedModel, state: Mapping[str, Tensor], source: str = "checkpoint") -> None:
-    """Load a complete FedModel state dict, with an error naming any missing, extra or ill-shaped tensor."""
+    """Load a complete FedModel state dict, with an error naming any missing, extra or ill-shaped tensor.
+
+    A checkpoint written before the BatchNorm adapters existed (``AdaptableFrozenBatchNorm2d``) has no
+    ``*.adapter.scale``/``*.adapter.shift`` tensors; those keep their identity values (what the model
+    computed without them)."""
+    expected = model.state_dict()
+    state = {**{k: v for k, v in expected.items() if k.endswith(ADAPTER_SUFFIXES) and k not in state}, **state}
     try:
-        merged = merge_state({source: state}, expected=model.state_dict())
+        merged = merge_state({source: state}, expected=expected)
     except StateMismatchError as exc:
         raise WeightsError(f"{source}: {exc}") from None
     model.load_state_dict(merged)

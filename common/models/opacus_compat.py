@@ -71,6 +71,10 @@ class ChannelAffine(nn.Module):
         return f"channels={self.scale.shape[0]}"
 
 
+ADAPTER_SUFFIXES = (".adapter.scale", ".adapter.shift")
+"""How the state-dict keys of the BatchNorm adapters end (``stages.layer4.1.bn1.adapter.scale``)."""
+
+
 class AdaptableFrozenBatchNorm2d(FrozenBatchNorm2d):
     """torchvision's ``FrozenBatchNorm2d`` (statistics and affine values are buffers, never trained) followed
     by a :class:`ChannelAffine` child ``adapter`` (identity until trained). The state-dict keys of the

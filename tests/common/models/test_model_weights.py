@@ -245,3 +245,19 @@ def test_merge_names_the_missing_extra_misshapen_mistyped_or_doubled_tensor() ->
         merge_state({**parts, "shared": {**shared, name: shared[name].half()}}, expected=state)
     with pytest.raises(StateMismatchError, match=f"'{name}' is given twice"):
         merge_state({**parts, "again": {name: shared[name]}}, expected=state)
+
+
+def test_a_checkpoint_from_before_the_batch_norm_adapters_loads_with_identity_adapters(tmp_path: Path) -> None:
+    """Checkpoints written before ``AdaptableFrozenBatchNorm2d`` lack ``*.adapter.*``: the model computes what it did."""
+    torch.manual_seed(5)
+    model = build_backbone(model_config(), load_weights=False)
+    path = tmp_path / "old.pt"
+    save_backbone_checkpoint(path, model, ((0.5,), (0.25,)))
+    payload = torch.load(path, weights_only=False)
+    payload["state_dict"] = {k: v for k, v in payload["state_dict"].items() if ".adapter." not in k}
+    payload["fingerprint"] = fingerprint(payload["state_dict"])
+    torch.save(payload, path)
+    restored = build_backbone(model_config(checkpoint=path))
+    x = torch.randn(2, 1, 32, 32)
+    torch.testing.assert_close(restored.forward_stages(x), model.forward_stages(x))
+    assert all(torch.equal(v, torch.ones_like(v)) for k, v in restored.state_dict().items() if k.endswith("adapter.scale"))
