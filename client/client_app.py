@@ -122,7 +122,9 @@ def make_client_app(directory: SiteDirectory | None = None) -> ClientApp:
         if isinstance(ready, Message):
             return ready
         session, version_id, _weights = ready
-        metrics = disclosed_evaluation(session.evaluate(version_id), settings.evaluation_metrics)
+        last_round = int(msg.content[wc.CONFIG][wc.CONFIG_ROUND]) >= session.config.training.rounds
+        # the personal fine-tune (training.personal_finetune_epochs) runs once, on the last global layers
+        metrics = disclosed_evaluation(session.evaluate(version_id, finetune=last_round), settings.evaluation_metrics)
         privacy = {"epsilon": 0.0, "delta": 0.0}
         if session.config.privacy.enabled and session.state.ledger_path.exists():
             ledger = session.privacy_ledger()

@@ -31,19 +31,28 @@ from common.models.fed_model import StagesTail
 
 logger = logging.getLogger(__name__)
 
+GRADIENT_CLIP_NORM = 1.0
+"""Largest norm of a fine-tune step's whole gradient (not DP: a guard against diverging steps)."""
+
+
+class PersonalFinetuneDiverged(RuntimeError):
+    """The fine-tuned copy holds non-finite values; the site keeps the probe on the layers it started from."""
+
 
 class _ProbeOnStages(nn.Module):
-    """Stages + the head's pooling + the personal probe as one linear layer (standardisation folded in)."""
+    """Stages + the head's pooling + the personal probe: its fixed standardisation, then its linear layer
+    (trained in the standardised space, so a feature with a tiny spread does not get a huge step)."""
 
     def __init__(self, tail: StagesTail, head: PersonalHead) -> None:
         super().__init__()
         self.stages = copy.deepcopy(tail.stages)
         self.pool = copy.deepcopy(tail.head)  # only its ``features`` (pool, norm) is used
-        weight = head.weight / head.scale  # logits = ((x - m) / s) W^T + b = x (W / s)^T + (b - (W / s) m)
-        self.linear = nn.Linear(weight.shape[1], weight.shape[0])
+        self.register_buffer("mean", head.mean.float().clone())
+        self.register_buffer("scale", head.scale.float().clone())
+        self.linear = nn.Linear(head.weight.shape[1], head.weight.shape[0])
         with torch.no_grad():
-            self.linear.weight.copy_(weight.float())
-            self.linear.bias.copy_((head.bias - weight @ head.mean).float())
+            self.linear.weight.copy_(head.weight.float())
+            self.linear.bias.copy_(head.bias.float())
 
     def forward(self, h: torch.Tensor, clinical: torch.Tensor) -> torch.Tensor:
         for stage in self.stages.values():
@@ -51,7 +60,7 @@ class _ProbeOnStages(nn.Module):
         features = self.pool.features(h).float()
         if clinical.numel():
             features = torch.cat([features, clinical.float()], dim=1)
-        return self.linear(features)
+        return self.linear((features - self.mean) / self.scale)
 
 
 def finetune_personal_layers(
@@ -83,7 +92,8 @@ def finetune_personal_layers(
         p.requires_grad_(False)
     for p in trainable + list(work.linear.parameters()):
         p.requires_grad_(True)
-    optimizer = torch.optim.SGD(trainable + list(work.linear.parameters()), lr=learning_rate, momentum=0.9)
+    params = trainable + list(work.linear.parameters())
+    optimizer = torch.optim.SGD(params, lr=learning_rate, momentum=0.9)
     weights = balanced_weights(labels.long(), num_classes).float()
     generator = torch.Generator().manual_seed(seed)
     n = len(labels)
@@ -98,8 +108,13 @@ def finetune_personal_layers(
                 loss = (per_image * w).sum() / w.sum()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, GRADIENT_CLIP_NORM)  # a steep first batch cannot blow it up
                 optimizer.step()
     tuned = {f"stages.{name}": tensor.detach().cpu().clone() for name, tensor in work.stages.state_dict().items()}
+    if not all(bool(torch.isfinite(t).all()) for t in tuned.values() if t.is_floating_point()):
+        raise PersonalFinetuneDiverged(
+            f"the personal fine-tune diverged (non-finite layers after {epochs} epochs at learning rate "
+            f"{learning_rate:g}); lower training.personal_finetune_learning_rate")
     missing = set(shared_names) - set(tuned)
     if missing:
         raise ValueError(f"the shared layers {sorted(missing)[:3]} are not in the tail's stages; "

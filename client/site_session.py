@@ -20,7 +20,7 @@ from client.dp.local_training import TrainingOutcome, random_flip_and_shift, tra
 from client.evaluation_metrics import bootstrap_balanced_accuracy, classification_metrics
 from client.inference.operating_point import operating_point_from_validation
 from client.inference.site_model_record import record_fit, record_test_metrics
-from client.personal_finetune import finetune_personal_layers, with_shared
+from client.personal_finetune import PersonalFinetuneDiverged, finetune_personal_layers, with_shared
 from client.personal_head import PersonalHead, fit_personal_head_with_validation
 from client.privacy.privacy_budget import PrivacyLedger
 from client.privacy.privacy_plan import default_delta, sample_rate_for, steps_per_epoch
@@ -333,10 +333,11 @@ class SiteSession:
         pooled = torch.cat(chunks) if chunks else torch.zeros(0, self.model.feature_dim)
         return torch.cat([pooled, split.clinical.float()], dim=1) if split.clinical.numel() else pooled
 
-    def fit_personal_head(self, global_id: str = "") -> PersonalHead:
+    def fit_personal_head(self, global_id: str = "", finetune: bool = True) -> PersonalHead:
         """Fit and store this site's personal model on the current global layers (never sent): the linear
-        probe, and with ``training.personal_finetune_epochs`` its LP-FT copy of the shared layers with the
-        probe fitted again on their features (``client.personal_finetune``)."""
+        probe, and with ``training.personal_finetune_epochs`` (and ``finetune``: the ClientApp asks for it
+        at the federation's last round only) its LP-FT copy of the shared layers with the probe fitted
+        again on their features (``client.personal_finetune``)."""
         num_classes = self.config.model.num_classes
         training = self.config.training
         head, out_of_fold = fit_personal_head_with_validation(self.features(self.train), self.train.labels,
@@ -351,21 +352,26 @@ class SiteSession:
             if rival.validation_loss < head.validation_loss:
                 head = dataclasses.replace(rival, layers="pretrained", shared=self._pretrained_shared)
                 out_of_fold = rival_out_of_fold
-        if training.personal_finetune_epochs:
+        if training.personal_finetune_epochs and finetune:
             start_tail = self.model.tail(self.boundary)
             if head.shared is not None:
                 start_tail = with_shared(start_tail, head.shared)
-            tuned = finetune_personal_layers(
-                start_tail, head, self.train.inputs, self.train.clinical, self.train.labels,
-                shared_names=list(self.groups.shared), num_classes=num_classes,
-                epochs=training.personal_finetune_epochs, learning_rate=training.personal_finetune_learning_rate,
-                batch_size=training.batch_size, seed=_site_seed(self.config.seed, self.settings.site_name) + 17,
-                device=self.settings.torch_device(),
-            )
-            personal_tail = with_shared(self.model.tail(self.boundary), tuned)
-            head, out_of_fold = fit_personal_head_with_validation(
-                self.features(self.train, personal_tail), self.train.labels, self.train.patients, num_classes)
-            head = dataclasses.replace(head, layers="fine-tuned", shared=tuned)
+            try:
+                tuned = finetune_personal_layers(
+                    start_tail, head, self.train.inputs, self.train.clinical, self.train.labels,
+                    shared_names=list(self.groups.shared), num_classes=num_classes,
+                    epochs=training.personal_finetune_epochs, learning_rate=training.personal_finetune_learning_rate,
+                    batch_size=training.batch_size, seed=_site_seed(self.config.seed, self.settings.site_name) + 17,
+                    device=self.settings.torch_device(),
+                )
+            except PersonalFinetuneDiverged as exc:
+                logger.warning("[%s] %s; the personal head stays on the %s layers", self.settings.site_name, exc,
+                               head.layers)
+            else:
+                personal_tail = with_shared(self.model.tail(self.boundary), tuned)
+                head, out_of_fold = fit_personal_head_with_validation(
+                    self.features(self.train, personal_tail), self.train.labels, self.train.patients, num_classes)
+                head = dataclasses.replace(head, layers="fine-tuned", shared=tuned)
         self.state.save_personal_head(head.state_dict(), global_id=global_id, backbone_fingerprint=self.fingerprint)
         self._record_model(global_id, None if out_of_fold is None else out_of_fold.softmax(dim=1))
         logger.info("[%s] personal head fitted on the %s layers (L2 %.3g, %d patient folds)", self.settings.site_name,
@@ -379,13 +385,13 @@ class SiteSession:
         return self.features(split, with_shared(self.model.tail(self.boundary), head.shared))
 
     @torch.no_grad()
-    def evaluate(self, global_id: str = "") -> dict[str, float]:
+    def evaluate(self, global_id: str = "", finetune: bool = True) -> dict[str, float]:
         """Test metrics of the site's model: its personal head on the global features (the default,
         ``training.personal_head = "linear_probe"``), or the head DP-SGD trained (``"none"``).
 
         The metrics, with a patient-bootstrap interval, are also kept in the site's ``site_model.json``
         for its model card (``client.inference``); only the returned keys may leave the site."""
-        logits = self._test_logits(global_id)
+        logits = self._test_logits(global_id, finetune)
         metrics = classification_metrics(logits, self.test.labels, self.config.model.num_classes)
         if self.config.training.personal_head == "none":
             self._record_model(global_id, None, why="the head trained with the shared layers (training.personal_head "
@@ -414,15 +420,15 @@ class SiteSession:
         low, high = bootstrap_balanced_accuracy(logits, self.test.labels, self.test.patients, seed=seed)
         return {**metrics, "ci-low": low, "ci-high": high, "test-patients": float(len(set(self.test.patients)))}
 
-    def _test_logits(self, global_id: str) -> torch.Tensor:
+    def _test_logits(self, global_id: str, finetune: bool = True) -> torch.Tensor:
         if len(self.test.labels) == 0:
             raise ValueError("this site has no test images; lower data.test_fraction or add patients")
         if self.config.training.personal_head == "linear_probe":
-            head = self._personal_head(global_id)
+            head = self._personal_head(global_id, finetune)
             return head.logits(self.personal_features(head, self.test).double())
         return self.trained_head_logits(self.test)
 
-    def _personal_head(self, global_id: str) -> PersonalHead:
+    def _personal_head(self, global_id: str, finetune: bool = True) -> PersonalHead:
         """The head stored for these global layers (the site's own evaluation already fitted it), else a new fit.
 
         Only a non-empty global-layers id identifies the features; without one (baselines) it is always fitted.
@@ -430,7 +436,7 @@ class SiteSession:
         stored = self.state.load_personal_head() if global_id else None
         if stored is not None and stored[1] == {"global_id": global_id, "backbone_fingerprint": self.fingerprint}:
             return PersonalHead.from_state_dict(stored[0])
-        return self.fit_personal_head(global_id)
+        return self.fit_personal_head(global_id, finetune)
 
     @torch.no_grad()
     def trained_head_logits(self, split: Split) -> torch.Tensor:

@@ -28,13 +28,17 @@ REPORT_FILE = "report.md"
 METRICS_FILE = "metrics.json"
 
 SUMMARY_ROWS = (
-    "federated", "federated_no_dp", "local_linear_probe", "local_finetune", "pooled_ceiling",
+    "federated", "federated_no_dp", "local_linear_probe", "local_linear_probe_finetune", "local_finetune",
+    "pooled_ceiling",
     "local", "pooled", "random_init",
 )
+SINGLE_SITE_ROWS = ("local_linear_probe", "local_linear_probe_finetune", "local_finetune")
+"""The rows of what a site could do alone (DP off: nothing leaves it); the best of them is the bar."""
 ROW_LABELS = {
     "federated": "federated, personal models, DP on",
     "federated_no_dp": "federated, personal models, DP off",
     "local_linear_probe": "local linear probe (each site alone, DP off)",
+    "local_linear_probe_finetune": "local linear probe, then its fine-tune (LP-FT, each site alone, DP off)",
     "local_finetune": "local fine-tuning (each site alone, DP off)",
     "pooled_ceiling": "pooled ceiling (all sites' data in one place, DP off)",
     "local": "local fine-tuning under the federation's DP budget",
@@ -63,7 +67,7 @@ def mean_balanced_accuracy(per_site: Mapping[str, Mapping[str, Any]]) -> float |
 
 def comparison_targets(summary: Mapping[str, Any]) -> dict[str, Any]:
     """How the federated personal models compare with the best a site could do alone and the ceiling."""
-    alone = [summary.get(k) for k in ("local_linear_probe", "local_finetune") if isinstance(summary.get(k), float)]
+    alone = [summary.get(k) for k in SINGLE_SITE_ROWS if isinstance(summary.get(k), float)]
     ceiling = summary.get("pooled_ceiling")
     if not alone:
         return {}

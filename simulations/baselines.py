@@ -6,8 +6,11 @@ so the comparison with the federated model is like for like:
 
 * ``local_linear_probe``: no training at all; each site fits its personal head (a class-balanced
   linear probe) on the frozen pretrained features. Nothing leaves a site, so no DP.
+* ``local_linear_probe_finetune`` (with ``training.personal_finetune_epochs``): the same probe, then
+  the site's personal fine-tune from the pretrained layers (LP-FT alone, DP off).
 * ``local_finetune``: each site fine-tunes alone with DP off for as many epochs as the federation
-  ran, then fits its personal head on its fine-tuned features.
+  ran, then fits its personal model on its fine-tuned features (as every row below does, with the
+  personal fine-tune when it is configured).
 * ``local``: the same under the federation's DP settings and budget (kept for comparison).
 * ``pooled_ceiling``: every site's training data in one place, fine-tuned with DP off; each site
   then fits its own head on those features. Not allowed in practice: the ceiling.
@@ -62,12 +65,17 @@ def _open(config: FederationConfig, settings: SiteSettings, backbone: PreparedBa
 
 
 def run_local_linear_probe(config: FederationConfig, sites: dict[int, SiteSettings], backbone: PreparedBackbone,
-                           out_dir: Path) -> SiteResults:
-    """Each site's personal head on the frozen pretrained features; no training, no federation."""
-    probe_config = without_dp(config).model_copy(
-        update={"training": config.training.model_copy(update={"personal_head": "linear_probe"})})
-    return {s.site_name: _open(probe_config, s, backbone, out_dir / "local-linear-probe").test_report(seed=config.seed)
-            for s in tqdm(list(sites.values()), desc="baseline: local linear probe", unit="site")}
+                           out_dir: Path, *, finetune: bool = False) -> SiteResults:
+    """Each site's personal head on the frozen pretrained features; no training, no federation.
+
+    ``finetune``: then the site's personal fine-tune from there (LP-FT alone, ``training.personal_finetune_*``).
+    """
+    epochs = config.training.personal_finetune_epochs if finetune else 0
+    probe_config = without_dp(config).model_copy(update={"training": config.training.model_copy(
+        update={"personal_head": "linear_probe", "personal_finetune_epochs": epochs})})
+    name = "local-linear-probe-finetune" if finetune else "local-linear-probe"
+    return {s.site_name: _open(probe_config, s, backbone, out_dir / name).test_report(seed=config.seed)
+            for s in tqdm(list(sites.values()), desc=f"baseline: {name.replace('-', ' ')}", unit="site")}
 
 
 def run_local_only(config: FederationConfig, sites: dict[int, SiteSettings], backbone: PreparedBackbone,

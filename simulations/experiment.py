@@ -109,6 +109,9 @@ def _run_one_seed(plan: SimulationPlan, sites: dict[int, SiteSettings], *, basel
         per_variant["federated_no_dp"] = _federated_variant(plan, _with_config(plan, no_dp, "no-dp"), sites)
         baseline_dir = plan.run_dir / "baselines"
         per_variant["local_linear_probe"] = run_local_linear_probe(plan.config, sites, backbone, baseline_dir)
+        if plan.config.training.personal_finetune_epochs:
+            per_variant["local_linear_probe_finetune"] = run_local_linear_probe(plan.config, sites, backbone,
+                                                                                baseline_dir, finetune=True)
         per_variant["local_finetune"] = run_local_finetune(plan.config, sites, backbone, baseline_dir)
         per_variant["pooled_ceiling"] = run_pooled_ceiling(plan.config, sites, backbone, baseline_dir)
     if baselines and extra_rows:  # three more DP trainings: pretrained vs random init, alone and pooled under DP

@@ -114,3 +114,12 @@ def test_the_personal_model_is_reproducible_and_is_what_the_evaluation_measures(
     assert report["balanced-accuracy"] == classification_metrics(expected, first.test.labels, 2)["balanced-accuracy"]
     global_features = first.features(first.test)
     assert not torch.equal(first.personal_features(a, first.test), global_features), "the copy's features are used"
+
+
+def test_the_fine_tune_runs_only_when_asked_for_the_last_round(hospital, tmp_path: Path) -> None:  # noqa: ANN001
+    _manifest, config, _backbone = hospital
+    session = open_site(hospital, tmp_path / "rounds", with_finetune(config, epochs=2, layers="global"))
+    session.evaluate("round-1", finetune=False)
+    assert PersonalHead.from_state_dict(session.state.load_personal_head()[0]).layers == "global"
+    session.evaluate("round-2", finetune=True)
+    assert PersonalHead.from_state_dict(session.state.load_personal_head()[0]).layers == "fine-tuned"
