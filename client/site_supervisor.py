@@ -40,7 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from client.rejoin_policy import ALIVE_STAMP_S, RETRY_INTERVAL_S, is_activation_refusal, judge_refusal
+from client.rejoin_policy import (
+    ALIVE_STAMP_S,
+    RETRY_INTERVAL_S,
+    heartbeat_window_s,
+    is_activation_refusal,
+    judge_refusal,
+)
 from client.supernode_record import read_record, write_record
 
 logger = logging.getLogger(__name__)
@@ -103,6 +109,7 @@ class SiteSupervisor:
 
     def __init__(self, processes: SiteProcesses, out: BinaryIO | None = None) -> None:
         self.processes = processes
+        self._heartbeat_window_s = heartbeat_window_s()  # a bad FEDTL_HEARTBEAT_WINDOW_S stops the start here
         self._out = out if out is not None else sys.stdout.buffer
         self._stop = threading.Event()
         self._supernode: _SuperNode | None = None
@@ -167,7 +174,8 @@ class SiteSupervisor:
         if self._stop.is_set():
             return 0
         if is_activation_refusal(output):
-            refusal = judge_refusal(self._record, self.processes.superlink, self.processes.key_id)
+            refusal = judge_refusal(self._record, self.processes.superlink, self.processes.key_id,
+                                    window_s=self._heartbeat_window_s)
             if refusal.retry:
                 logger.warning("site not let in yet: %s", refusal.explanation)
                 if self._stop.wait(RETRY_INTERVAL_S):

@@ -24,7 +24,7 @@ from client.hospital_daemon import (
     supernode_env,
     worker_command,
 )
-from client.rejoin_policy import HEARTBEAT_WINDOW_S, judge_refusal
+from client.rejoin_policy import HEARTBEAT_WINDOW_ENV, HEARTBEAT_WINDOW_S, heartbeat_window_s, judge_refusal
 from client.site_health import check_site
 from client.site_settings import SiteSettingsError, settings_from_node_config
 from client.site_supervisor import EXIT_LOST, EXIT_REFUSED, STOP_GRACE_S, SiteProcesses, SiteSupervisor
@@ -171,6 +171,37 @@ def test_a_refusal_once_the_window_has_passed_is_a_refused_key_and_says_what_to_
     assert not refusal.retry
     assert "refused this site's key" in refusal.explanation
     assert "register" in refusal.explanation and "NAME.pub" in refusal.explanation
+
+
+def test_the_heartbeat_window_is_flowers_unless_the_site_sets_its_own_and_a_bad_value_is_refused() -> None:
+    assert heartbeat_window_s({}) == heartbeat_window_s({HEARTBEAT_WINDOW_ENV: " "}) == HEARTBEAT_WINDOW_S
+    assert heartbeat_window_s({HEARTBEAT_WINDOW_ENV: "12.5"}) == 12.5
+    assert heartbeat_window_s({HEARTBEAT_WINDOW_ENV: "0"}) == 0.0
+    for bad in ("soon", "-1", "nan", "inf"):
+        with pytest.raises(ValueError, match=f"{HEARTBEAT_WINDOW_ENV}=.*unset it to use 75 s"):
+            heartbeat_window_s({HEARTBEAT_WINDOW_ENV: bad})
+
+
+def test_a_refusal_is_judged_against_the_window_the_site_set() -> None:
+    now = 1_000_000.0
+    record = {"alive_at": now - 20, "superlink": SUPERLINK, "key_id": "k1"}
+
+    inside = judge_refusal(record, SUPERLINK, "k1", now, window_s=30.0)
+    after = judge_refusal(record, SUPERLINK, "k1", now, window_s=10.0)
+
+    assert inside.retry and inside.until == now + 10
+    assert not after.retry and after.until == now - 10
+    assert "more than 10 s ago" in after.explanation
+
+
+def test_a_bad_heartbeat_window_stops_the_site_before_any_child_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(HEARTBEAT_WINDOW_ENV, "a minute")
+
+    with pytest.raises(ValueError, match=HEARTBEAT_WINDOW_ENV):
+        SiteSupervisor(_processes(tmp_path, _stand_in(tmp_path, "supernode", REFUSED), None), out=io.BytesIO())
+    assert _starts(tmp_path, "supernode") == 0
 
 
 @pytest.mark.parametrize("record", [

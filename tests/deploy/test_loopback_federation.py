@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from client.rejoin_policy import HEARTBEAT_WINDOW_ENV
 from server.ops.coordinator_service import register_public_keys
 from server.ops.federation_pki import init_pki
 from tests.deploy.harness import FIXTURE_APP, REPO_ROOT, LoopbackFederation
@@ -159,16 +160,21 @@ def test_gate_answers_403_to_everything_but_the_fleet_api(federation: LoopbackFe
 
 
 def test_a_revoked_hospital_is_refused_when_it_connects_again_and_stays_revoked(federation: LoopbackFederation) -> None:
-    """Last in the module: it takes h3 out of the federation for good."""
+    """Last in the module: it takes h3 out of the federation for good.
+
+    h3 is killed and started again at once, so its daemon first takes the refusal for its old session
+    and retries through the heartbeat window, then stops as refused. The window is the site's own
+    setting, shortened here from 75 s to 10 s: a revoked key is refused whatever the window."""
     result = federation.coordinator_command("revoke", "h3")
     federation.kill_hospital("h3")
-    again = federation.start_hospital("h3", max_retries=1)
-    exit_code = again.wait_for_exit(timeout_s=150)  # a daemon may retry through Flower's heartbeat window
+    again = federation.start_hospital("h3", max_retries=1, extra_env={HEARTBEAT_WINDOW_ENV: "10"})
+    exit_code = again.wait_for_exit(timeout_s=90)
     listed = {entry["name"]: entry for entry in json.loads(federation.coordinator_command("hospitals", "--json").stdout)}
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "revoked h3" in result.stdout
     assert exit_code not in (None, 0), f"a revoked hospital was let back in:\n{again.output()[-2000:]}"
+    assert "refused this site's key" in again.output()  # told apart at the end of the window, not earlier
     assert "SuperNode ID" not in again.output()
     assert listed["h3"]["status"] == "unregistered" and not listed["h3"]["online"]
     assert listed["h1"]["online"] and listed["h2"]["online"]
