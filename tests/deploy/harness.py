@@ -154,8 +154,28 @@ class ProcessSupervisor:
             time.sleep(0.05)
 
     def stop_all(self) -> None:
-        for managed in reversed(self.processes):
-            self.stop(managed)
+        """Stop every process at once: SIGTERM to all (groups and descendants), one shared grace
+        period, then SIGKILL to what is left (one after another cost up to a grace period each)."""
+        targets = [(managed, [managed.popen.pid, *descendants(managed.popen.pid)]) for managed in reversed(self.processes)]
+        for managed, pids in targets:
+            for pid in pids:
+                _signal(pid, signal.SIGTERM, group=pid == managed.popen.pid)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while time.monotonic() < deadline:
+            for managed, _ in targets:
+                managed.popen.poll()
+            if not any(_alive(pid) for _, pids in targets for pid in pids):
+                break
+            time.sleep(0.1)
+        for managed, pids in targets:
+            for pid in pids:
+                if _alive(pid):
+                    _signal(pid, signal.SIGKILL, group=pid == managed.popen.pid)
+        for managed, _ in targets:
+            try:
+                managed.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
         self.processes.clear()
 
 
@@ -219,16 +239,19 @@ class LoopbackFederation:
         state_dir: Path | None = None,
         extra_node_config: dict[str, str] | None = None,
         extra_args: Sequence[str] = (),
+        extra_env: dict[str, str] | None = None,
     ) -> ManagedProcess:
         """Start ``client.hospital_daemon start`` for ``name`` (by default with its own key and the CA).
 
-        ``extra_args`` are appended to the daemon's command line (e.g. ``--clientapp per-message``).
+        ``extra_args`` are appended to the daemon's command line (e.g. ``--clientapp per-message``);
+        ``extra_env`` is added to its environment (e.g. ``FEDTL_HEARTBEAT_WINDOW_S``).
 
         ``extra_node_config`` adds keys to the SuperNode's node config (test apps read them, e.g.
         ``fault``); the daemon's command line has no such option, so the daemon is then run through
         its Python entry point (``client.hospital_daemon.start(settings, extra_node_config)``).
         """
         settings = self.hospital_settings(name, key, ca_cert, max_retries, manifest, state_dir)
+        env = {**_hospital_env(), **(extra_env or {})}
         if extra_node_config:
             spec = self.supervisor.log_dir / f"hospital-{name}-settings.json"
             spec.parent.mkdir(parents=True, exist_ok=True)
@@ -237,7 +260,7 @@ class LoopbackFederation:
                                         "extra_node_config": extra_node_config}))
             argv = [sys.executable, "-c", "import sys; from tests.deploy.harness import run_daemon_from_spec as run; "
                     "sys.exit(run(sys.argv[1]))", str(spec)]
-            managed = self.supervisor.start(f"hospital-{name}", argv, _hospital_env())
+            managed = self.supervisor.start(f"hospital-{name}", argv, env)
             self.hospitals[name] = managed
             return managed
         argv = [
@@ -265,7 +288,7 @@ class LoopbackFederation:
         if max_retries is not None:
             argv += ["--max-retries", str(max_retries)]
         argv += list(extra_args)
-        managed = self.supervisor.start(f"hospital-{name}", argv, _hospital_env())
+        managed = self.supervisor.start(f"hospital-{name}", argv, env)
         self.hospitals[name] = managed
         return managed
 
