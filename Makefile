@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Two pytest-xdist workers, one module per work unit (module-scoped federations start once);
+# tests/conftest.py hands out the longest modules first.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder
 
 demo: $(STAMP)
 	$(VENV)/bin/fedtl simulate --config simulations/configs/demo.toml --out runs/demo --overwrite
