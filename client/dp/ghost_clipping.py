@@ -22,7 +22,8 @@ sequence, a branch fed by a tensor that is not among the leaves) gets no per-sam
 first pass; the function then raises :class:`GhostClippingError` instead of clipping with a
 stale norm.
 
-When every trainable layer is an ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d``,
+When every trainable layer is an ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` or a BatchNorm adapter
+(``common.models.opacus_compat.ChannelAffine``),
 :class:`DirectWeightGradients` replaces the second pass: it keeps each layer's input and output
 gradient from the first pass, and the clipped summed weight gradient of a layer is one
 weight-gradient product of that input with the output gradient scaled per sample by the
@@ -43,6 +44,8 @@ from opacus.utils.module_utils import trainable_parameters
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from common.models.opacus_compat import ChannelAffine
+
 logger = logging.getLogger(__name__)
 
 
@@ -56,6 +59,8 @@ types: a subclass may compute something else in its forward)."""
 
 
 def _direct_layer_supported(layer: nn.Module) -> bool:
+    if type(layer) is ChannelAffine:
+        return True
     if type(layer) not in _DIRECT_LAYER_TYPES:
         return False
     if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
@@ -164,6 +169,14 @@ class DirectWeightGradients:
                 assert capture.inputs is not None and capture.output_grad is not None
                 grad_out = capture.output_grad
                 grad_out = grad_out * scale.to(grad_out.dtype).view(-1, *([1] * (grad_out.dim() - 1)))
+                if isinstance(capture.layer, ChannelAffine):
+                    layer = capture.layer
+                    if layer.scale.requires_grad:
+                        _accumulate(layer.scale, (capture.inputs.to(grad_out.dtype) * grad_out).sum(dim=(0, 2, 3)))
+                    if layer.shift.requires_grad:
+                        _accumulate(layer.shift, grad_out.sum(dim=(0, 2, 3)))
+                    capture.clear()
+                    continue
                 weight_grad, bias_grad = _weight_and_bias_gradients(capture.layer, capture.inputs, grad_out)
                 _accumulate(capture.layer.weight, weight_grad)
                 if capture.layer.bias is not None and bias_grad is not None:

@@ -127,7 +127,8 @@ def test_without_dp_the_site_model_does_not_collapse_to_one_class(hospital, tmp_
     session = open_site(hospital, tmp_path / "no-dp", no_dp)
     for server_round in (1, 2):
         session.train_round(server_round, proximal_mu=0.0, ledger=None)
-    logits = session.fit_personal_head().logits(session.features(session.test).double())
+    head = session.fit_personal_head()  # with the default personal fine-tune
+    logits = head.logits(session.personal_features(head, session.test).double())
     assert set(logits.argmax(1).tolist()) == {0, 1}
     report = session.test_report()
     assert report["ci-low"] <= report["balanced-accuracy"] <= report["ci-high"]

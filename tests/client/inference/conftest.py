@@ -34,7 +34,7 @@ def make_trained_site(root: Path, *, images: int = 48, seed: int = 5, config_ove
     config = FederationConfig.from_dict({
         "model": {"architecture": "resnet18", "image_size": 32},
         "privacy": {"enabled": False},
-        "training": {"rounds": 1, "batch_size": 16, "device": "cpu"},
+        "training": {"rounds": 1, "batch_size": 16, "device": "cpu", "personal_finetune_epochs": 0},
         **(config_overrides or {}),
     })
     torch.manual_seed(0)
