@@ -54,6 +54,13 @@ def test_targets_measure_the_gain_over_the_best_site_alone_and_the_share_of_the_
     assert found["federated_share_of_gap_to_ceiling"] == pytest.approx(0.5)
 
 
+def test_the_lp_ft_alone_row_is_one_of_the_single_site_alternatives() -> None:
+    found = comparison_targets({"federated": 0.9, "local_linear_probe": 0.8, "local_linear_probe_finetune": 0.88,
+                                "local_finetune": 0.85})
+    assert found["best_single_site"] == pytest.approx(0.88)
+    assert found["federated_gain_over_best_single_site"] == pytest.approx(0.02)
+
+
 def test_a_ceiling_below_the_best_site_alone_gives_no_share() -> None:
     found = comparison_targets({"federated": 0.9, "local_linear_probe": 0.85, "pooled_ceiling": 0.8})
     assert "federated_share_of_gap_to_ceiling" not in found
