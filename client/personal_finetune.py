@@ -71,6 +71,7 @@ def finetune_personal_layers(
     labels: torch.Tensor,
     *,
     shared_names: list[str],
+    trainable_names: list[str] | None = None,
     num_classes: int,
     epochs: int,
     learning_rate: float,
@@ -81,13 +82,15 @@ def finetune_personal_layers(
     """The site's own copy of the shared layers after ``epochs`` of LP-FT (DP off); ``tail`` is not changed.
 
     ``shared_names`` are the model's shared tensor names (``"stages.layer4.0.conv1.weight"``, running
-    statistics included); the result has exactly those keys, on the CPU.
+    statistics included); the result has exactly those keys, on the CPU. ``trainable_names`` (default:
+    every shared parameter) are the ones tuned, as the federation trains them (``training.shared_trainable``).
     """
     if len(labels) == 0:
         raise ValueError("this site has no training images; check its manifest and the split")
     work = _ProbeOnStages(tail, head).to(device)
     work.eval()  # BatchNorm keeps the global running statistics (see the module docstring)
-    trainable = [p for name, p in work.stages.named_parameters() if f"stages.{name}" in set(shared_names)]
+    tuned_names = set(shared_names if trainable_names is None else trainable_names)
+    trainable = [p for name, p in work.stages.named_parameters() if f"stages.{name}" in tuned_names]
     for p in work.parameters():
         p.requires_grad_(False)
     for p in trainable + list(work.linear.parameters()):

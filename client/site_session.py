@@ -275,15 +275,16 @@ class SiteSession:
         """The shared parameters this site trains (``training.shared_trainable``); the others keep their global
         values this round (and their change is zero)."""
         mode = self.config.training.shared_trainable
-        if mode == "auto":
-            mode = "scale_shift" if self.config.privacy.enabled else "all"
         names = [n for n in self.groups.shared if n in self._named]
+        if mode == "all":
+            return names
+        adapters = [n for n in names if n.endswith(ADAPTER_SUFFIXES)]
         if mode == "scale_shift":
-            names = [n for n in names if n.endswith(ADAPTER_SUFFIXES)]
-            if not names:
+            if not adapters:
                 raise ValueError("training.shared_trainable = 'scale_shift' needs norm layers in the shared block; "
-                                 "this architecture's shared layers have none: use 'all'")
-        return names
+                                 "this architecture's shared layers have none: use 'weights'")
+            return adapters
+        return [n for n in names if n not in set(adapters)]
 
     def train_round(self, server_round: int, proximal_mu: float, ledger: PrivacyLedger | None) -> TrainingOutcome:
         training = self.config.training
@@ -359,7 +360,8 @@ class SiteSession:
             try:
                 tuned = finetune_personal_layers(
                     start_tail, head, self.train.inputs, self.train.clinical, self.train.labels,
-                    shared_names=list(self.groups.shared), num_classes=num_classes,
+                    shared_names=list(self.groups.shared), trainable_names=self.trained_shared_names(),
+                    num_classes=num_classes,
                     epochs=training.personal_finetune_epochs, learning_rate=training.personal_finetune_learning_rate,
                     batch_size=training.batch_size, seed=_site_seed(self.config.seed, self.settings.site_name) + 17,
                     device=self.settings.torch_device(),

@@ -151,11 +151,12 @@ class TrainingConfig(_Section):
         "classifier on the global features after every round (never sent, never used in a DP step); 'none' "
         "uses the head trained with the shared layers",
     )
-    shared_trainable: Literal["auto", "all", "scale_shift"] = Field(
-        "all",
-        description="which values of the shared layers a site trains: 'all', or 'scale_shift' (only the per-channel "
-        "scale and shift after each of their norms: a few thousand values instead of millions, so under DP far "
-        "less noise per step); 'auto': 'scale_shift' with DP on, 'all' with DP off",
+    shared_trainable: Literal["weights", "scale_shift", "all"] = Field(
+        "weights",
+        description="which values of the shared layers a site trains: 'weights' (the block's own weights, as "
+        "torchvision defines it; the BatchNorm adapters stay the identity), 'scale_shift' (only the per-channel "
+        "scale and shift adapters after each of its norms: a few thousand values instead of millions, so under DP "
+        "far less noise per step and faster rounds) or 'all' (both)",
     )
     personal_layers: Literal["validated", "global"] = Field(
         "global",

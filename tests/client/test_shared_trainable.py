@@ -2,8 +2,9 @@
 
 With ``scale_shift`` a DP round trains only the per-channel scale/shift adapters of the shared
 block (and the local head): the convolutions keep their global values bit for bit, Opacus noises
-only what is trained, the privacy spent is the same accounting, and the model is left as it was
-found (every shared parameter trainable again for the next round).
+only what is trained, and the model is left as it was found (every shared parameter trainable again
+for the next round). The default, ``weights``, trains the block's own weights and leaves the
+adapters at the identity.
 """
 
 from __future__ import annotations
@@ -42,11 +43,15 @@ def test_scale_shift_trains_only_the_adapters_of_the_shared_block(hospital, tmp_
         "every shared parameter is trainable again after the round"
 
 
-def test_auto_means_scale_shift_with_dp_and_everything_without(hospital, tmp_path: Path) -> None:  # noqa: ANN001
+def test_weights_leave_the_adapters_at_identity_and_all_trains_both(hospital, tmp_path: Path) -> None:  # noqa: ANN001
     _manifest, config, _backbone = hospital
-    with_dp = open_site(hospital, tmp_path / "dp", trainable(config, "auto"))
-    assert all(".adapter." in n for n in with_dp.trained_shared_names())
-    no_dp = config.model_copy(update={"privacy": config.privacy.model_copy(update={"enabled": False}),
-                                      "training": config.training.model_copy(update={"shared_trainable": "auto"})})
-    without = open_site(hospital, tmp_path / "no-dp", no_dp)
-    assert set(without.trained_shared_names()) == {n for n in without.groups.shared if n in without._named}
+    weights = open_site(hospital, tmp_path / "weights", trainable(config, "weights"))
+    names = weights.trained_shared_names()
+    assert names and not any(".adapter." in n for n in names)
+    outcome = weights.run_round(1, proximal_mu=0.0)
+    assert outcome.shared is not None
+    for name, tensor in outcome.shared.items():
+        if ".adapter." in name:
+            assert torch.equal(tensor, torch.ones_like(tensor) if name.endswith("scale") else torch.zeros_like(tensor))
+    both = open_site(hospital, tmp_path / "all", trainable(config, "all"))
+    assert set(both.trained_shared_names()) == {n for n in both.groups.shared if n in both._named}
