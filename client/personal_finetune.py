@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from client.personal_head import PersonalHead, balanced_weights
+from client.personal_head import PersonalHead
+from common.data.patient_split import class_weights
 from common.models.fed_model import StagesTail
 
 logger = logging.getLogger(__name__)
@@ -91,13 +92,13 @@ def finetune_personal_layers(
     work.eval()  # BatchNorm keeps the global running statistics (see the module docstring)
     tuned_names = set(shared_names if trainable_names is None else trainable_names)
     trainable = [p for name, p in work.stages.named_parameters() if f"stages.{name}" in tuned_names]
+    params = trainable + list(work.linear.parameters())
     for p in work.parameters():
         p.requires_grad_(False)
-    for p in trainable + list(work.linear.parameters()):
+    for p in params:
         p.requires_grad_(True)
-    params = trainable + list(work.linear.parameters())
     optimizer = torch.optim.SGD(params, lr=learning_rate, momentum=0.9)
-    weights = balanced_weights(labels.long(), num_classes).float()
+    weights = class_weights(labels, num_classes).to(device)  # class-balanced: each class weighs the same
     generator = torch.Generator().manual_seed(seed)
     n = len(labels)
     with torch.enable_grad():  # the site's evaluation runs under no_grad
@@ -106,9 +107,7 @@ def finetune_personal_layers(
             for start in range(0, n, batch_size):
                 index = order[start : start + batch_size]
                 logits = work(inputs[index].to(device), clinical[index].to(device))
-                per_image = F.cross_entropy(logits, labels[index].long().to(device), reduction="none")
-                w = weights[index].to(device)
-                loss = (per_image * w).sum() / w.sum()
+                loss = F.cross_entropy(logits, labels[index].long().to(device), weight=weights)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, GRADIENT_CLIP_NORM)  # a steep first batch cannot blow it up

@@ -87,7 +87,7 @@ class SiteSession:
     state: SiteState
     _named: dict[str, nn.Parameter] = field(default_factory=dict)
     _head_stamp: tuple[int, int, int] | None = None  # the local-head file this session's head matches
-    _pretrained_shared: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # the backbone's own
+    _pretrained_shared: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # kept for "validated"
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -165,7 +165,7 @@ class SiteSession:
             state=state,
         )
         session._named = dict(model.named_parameters())
-        if all(name in backbone_tensors for name in groups.shared):
+        if config.training.personal_layers == "validated" and all(n in backbone_tensors for n in groups.shared):
             session._pretrained_shared = {name: backbone_tensors[name] for name in groups.shared}
         session._head_stamp = state.local_head_stamp()
         logger.info("[%s] ready: %d train / %d test images, trunk cut at stage %d, inputs in %s",
