@@ -2,8 +2,8 @@
 
 Under DP every step is DP-SGD through Opacus: Poisson sampling of the privacy unit (patients by
 default, see ``client.dp.patient_sampling``; images with ``privacy.unit = "image"``), clipping of
-each unit's gradient (for images ghost clipping by default, with fedtl's convolution norm
-samplers), Gaussian noise on every trainable parameter, shared and local. The loss is a mean of
+each unit's gradient (ghost clipping by default: for images with fedtl's convolution norm
+samplers, for patients with ``client.dp.patient_gradient_norms``), Gaussian noise on every trainable parameter, shared and local. The loss is a mean of
 per-sample terms with fixed class weights (``client.dp.sample_weighted_loss``), so no sample's
 term depends on another's. In ghost mode the backward is ``client.dp.ghost_clipping``'s:
 Opacus' two passes, the first one computing no parameter gradients. The accountant comes from
@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import common.models.conv_norm_samplers  # noqa: F401 - registers Opacus norm samplers for convolutions
 from client.dp.fused_noise_optimizer import use_fused_noise
 from client.dp.ghost_clipping import DirectWeightGradients, TrainableInputLeaves, ghost_clipped_backward
+from client.dp.patient_gradient_norms import tail_supports_patient_norms
 from client.dp.patient_sampling import grad_sample_mode_for, patient_loader, sum_grad_samples_by_patient
 from client.dp.sample_weighted_loss import SampleWeightedCrossEntropy
 from client.privacy.privacy_budget import PrivacyLedger
@@ -111,10 +112,11 @@ def _train_tail(
     else:
         dataset = TensorDataset(inputs, clinical, labels)
         loader = DataLoader(dataset, batch_size=training.batch_size, shuffle=True, generator=generator)
-    grad_sample_mode = grad_sample_mode_for(privacy.grad_sample_mode, privacy.unit)
+    grad_sample_mode = grad_sample_mode_for(privacy.grad_sample_mode, privacy.unit,
+                                            patient_norms_supported=tail_supports_patient_norms(tail))
     if privacy.enabled and grad_sample_mode != privacy.grad_sample_mode:
-        logger.info("privacy.unit = %r: per-image gradients in %r mode (%r clipping cannot sum them per patient)",
-                    privacy.unit, grad_sample_mode, privacy.grad_sample_mode)
+        logger.info("privacy.unit = %r: per-image gradients in %r mode (a layer of this tail has no per-patient "
+                    "ghost norm)", privacy.unit, grad_sample_mode)
     global_on_device = (
         {name: tensor.to(device) for name, tensor in global_shared.items()} if global_shared else None
     )
@@ -154,6 +156,10 @@ def _train_tail(
     fast_ghost = dp_module is not None and grad_sample_mode == "ghost"
     direct = DirectWeightGradients.attach(tail) if fast_ghost else None
     input_leaves = TrainableInputLeaves.attach(tail) if fast_ghost else None
+    patient_ghost = fast_ghost and by_patient
+    if patient_ghost:
+        assert dp_module is not None
+        dp_module.disable_hooks()  # the per-patient norms come from the direct captures, not Opacus' hooks
     losses: list[float] = []
     steps = 0
     try:
@@ -180,10 +186,11 @@ def _train_tail(
                     logits = model_call(batch_inputs, batch_clinical)
                     loss = criterion(logits, batch_labels.to(device))
                     if input_leaves is not None:
-                        ghost_clipped_backward(loss, dp_module, input_leaves.leaves(), direct)
+                        ghost_clipped_backward(loss, dp_module, input_leaves.leaves(), direct,
+                                               groups=batch[3] if patient_ghost else None)
                     else:
                         loss.backward()
-                    if by_patient:
+                    if by_patient and not patient_ghost:
                         sum_grad_samples_by_patient(params, batch[3])
                     losses.append(float(loss.item()))
                 dp_step_with_proximal(optimizer, named_shared, global_on_device, proximal_mu)

@@ -4,17 +4,16 @@ Opacus samples and clips single examples. With ``privacy.unit = "patient"`` one 
 
 1. draws every training *patient* independently with probability ``q`` (Poisson sampling of
    patients, :class:`PatientPoissonSampler`); the batch is all images of the drawn patients;
-2. computes per-image gradients (Opacus' ``hooks`` or ``functorch`` grad samplers), then sums
-   them per patient (:func:`sum_grad_samples_by_patient`) before Opacus clips: the clipped
-   "samples" are patients, so adding or removing all of one patient's images moves the clipped
-   sum by at most ``max_grad_norm``;
+2. clips each patient's *summed* gradient: with ``ghost`` (the default) in one backward pass, the
+   norm of each patient's sum coming from Gram products of the patient's images
+   (``client.dp.patient_gradient_norms``, used by ``client.dp.ghost_clipping``), no per-image
+   gradient formed; with ``hooks``/``functorch`` (or a tail whose layers the patient norms do not
+   cover, :func:`grad_sample_mode_for`) from per-image gradients summed per patient
+   (:func:`sum_grad_samples_by_patient`) before Opacus clips. Either way the clipped "samples" are
+   patients, so adding or removing all of one patient's images moves the clipped sum by at most
+   ``max_grad_norm``;
 3. adds Opacus' Gaussian noise as usual, and the accountant counts steps at rate ``q``: the
    epsilon is a patient's.
-
-Opacus' ghost clipping computes per-image norms without per-image gradients; the norm of a
-*patient's* summed gradient needs the cross terms between that patient's images, which its norm
-samplers do not compute, so the patient unit materialises per-image gradients (``hooks`` when
-``ghost`` is configured; see :func:`grad_sample_mode_for`).
 """
 
 from __future__ import annotations
@@ -128,8 +127,13 @@ def sum_grad_samples_by_patient(params: Sequence[nn.Parameter], patient_codes: t
     return num_groups
 
 
-def grad_sample_mode_for(configured: str, unit: str) -> str:
-    """The Opacus grad-sample mode a step uses: the configured one, but per-image gradients for patients."""
-    if unit == "patient" and configured == "ghost":
+def grad_sample_mode_for(configured: str, unit: str, *, patient_norms_supported: bool = False) -> str:
+    """The Opacus grad-sample mode a step uses.
+
+    The configured one, except ``ghost`` with the patient unit on a tail whose layers the per-patient
+    ghost norms do not cover (``patient_norms_supported`` False): then per-image gradients (``hooks``),
+    summed per patient before clipping.
+    """
+    if unit == "patient" and configured == "ghost" and not patient_norms_supported:
         return "hooks"
     return configured
