@@ -27,6 +27,8 @@ One run measures, on the same model, the same synthetic data and the same DP set
   per-round wall times and where the slowest site's messages spend them, with the long-lived ClientApp
   worker and with Flower's process per message, beside the same federation simulated
   (``simulations.benchmarks.bench_real_rounds``);
+* the patient unit's DP step, per-patient ghost norms against per-image gradients summed per patient
+  (``simulations.benchmarks.bench_patient_unit``);
 * ``fedtl-hospital predict`` throughput (images/s, DICOM to probabilities, and the model alone) on the
   CPU at the demo's size and, when CUDA is available, on the GPU at 224 px
   (``simulations.benchmarks.bench_predict``);
@@ -519,6 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--predict-images", type=int, default=256,
                         help="DICOM files of the fedtl-hospital predict throughput run (simulations.benchmarks."
                              "bench_predict: CPU at --image-size, and a GPU at 224 px when CUDA is available); 0 skips it")
+    parser.add_argument("--patient-unit-images", type=int, default=192,
+                        help="training images of the per-patient DP step comparison, ghost norms against per-image "
+                             "gradients (simulations.benchmarks.bench_patient_unit, about 25 s on 2 cores); 0 skips it")
     parser.add_argument("--real-rounds", type=int, default=3,
                         help="rounds of the real loopback federation, once per ClientApp mode, and of its simulation "
                              "(simulations.benchmarks.bench_real_rounds, about 8 minutes on 2 cores); 0 skips it")
@@ -577,6 +582,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from simulations.benchmarks.bench_predict import measure as measure_predict
 
         report["predict"] = measure_predict(args.predict_images, args.image_size, batch_size=32)
+    if args.patient_unit_images > 0:
+        from simulations.benchmarks.bench_patient_unit import measure as measure_patient_unit
+
+        report["patient_unit"] = measure_patient_unit(images=args.patient_unit_images,
+                                                      batch_size=min(32, args.patient_unit_images))
     if args.real_rounds > 0:
         from simulations.benchmarks.bench_real_rounds import measure as measure_real_rounds
 
@@ -604,6 +614,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from simulations.benchmarks.bench_predict import format_lines as predict_lines
 
         print("\n" + "\n".join(predict_lines(report["predict"])))
+    if "patient_unit" in report:
+        from simulations.benchmarks.bench_patient_unit import format_lines as patient_unit_lines
+
+        print("\n" + "\n".join(patient_unit_lines(report["patient_unit"])))
     if "real_rounds" in report:
         from simulations.benchmarks.bench_real_rounds import format_lines as real_round_lines
 

@@ -17,7 +17,7 @@ TINY = [
     "--image-size", "32", "--batch-size", "8", "--train-images", "16", "--timed-epochs", "1",
     "--plain-steps", "1", "--repeats", "1", "--threads", "1", "--coordinator-sites", "2", "3",
     "--coordinator-encoding", "int8", "--site-scaling-sites", "--storage-images", "64",
-    "--in-process", "--predict-images", "6", "--real-rounds", "0",
+    "--in-process", "--predict-images", "6", "--real-rounds", "0", "--patient-unit-images", "12",
 ]
 
 
@@ -141,3 +141,10 @@ def test_feature_storage_compares_ram_with_memory_mapped_features_on_the_same_ep
     for mode in ("memory", "disk"):
         assert _positive(storage[mode]["dp_epoch_images_per_s"]), mode
         assert storage[mode]["steps"] == storage["memory"]["steps"] > 0, mode
+
+
+def test_patient_unit_ghost_norms_train_like_per_image_gradients_summed_per_patient(report: tuple[dict, Path]) -> None:
+    section = report[0]["patient_unit"]
+    assert set(section["settings"]) == {"patient_ghost", "patient_hooks", "image_ghost"}
+    assert all(_positive(figures["seconds_per_step"]) for figures in section["settings"].values())
+    assert section["max_rel_diff"] < 1e-3  # the same patient draws, noise and clipping: float rounding only
