@@ -7,7 +7,6 @@ so a fresh process rebuilds the same session without decoding a DICOM again.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -20,8 +19,9 @@ from client.dp.local_training import TrainingOutcome, random_flip_and_shift, tra
 from client.evaluation_metrics import bootstrap_balanced_accuracy, classification_metrics
 from client.inference.operating_point import operating_point_from_validation
 from client.inference.site_model_record import record_fit, record_test_metrics
-from client.personal_finetune import PersonalFinetuneDiverged, finetune_personal_layers, with_shared
-from client.personal_head import PersonalHead, fit_personal_head_with_validation
+from client.personal_finetune import with_shared
+from client.personal_head import PersonalHead
+from client.personal_model import fit_personal_model
 from client.privacy.privacy_budget import PrivacyLedger
 from client.privacy.privacy_plan import default_delta, sample_rate_for, steps_per_epoch
 from client.site_settings import SiteSettings
@@ -335,45 +335,17 @@ class SiteSession:
         return torch.cat([pooled, split.clinical.float()], dim=1) if split.clinical.numel() else pooled
 
     def fit_personal_head(self, global_id: str = "", finetune: bool = True) -> PersonalHead:
-        """Fit and store this site's personal model on the current global layers (never sent): the linear
-        probe, and with ``training.personal_finetune_epochs`` (and ``finetune``: the ClientApp asks for it
-        at the federation's last round only) its LP-FT copy of the shared layers with the probe fitted
-        again on their features (``client.personal_finetune``)."""
-        num_classes = self.config.model.num_classes
-        training = self.config.training
-        head, out_of_fold = fit_personal_head_with_validation(self.features(self.train), self.train.labels,
-                                                              self.train.patients, num_classes)
-        if training.personal_layers == "validated" and self._pretrained_shared and head.folds:
-            # The pretrained layers compete with the global ones on the site's own validation patients:
-            # where DP noise or other sites' data made the global features worse here, the site keeps its
-            # best model (the probe's cross-validated loss; the global layers win ties).
-            pretrained_tail = with_shared(self.model.tail(self.boundary), self._pretrained_shared)
-            rival, rival_out_of_fold = fit_personal_head_with_validation(
-                self.features(self.train, pretrained_tail), self.train.labels, self.train.patients, num_classes)
-            if rival.validation_loss < head.validation_loss:
-                head = dataclasses.replace(rival, layers="pretrained", shared=self._pretrained_shared)
-                out_of_fold = rival_out_of_fold
-        if training.personal_finetune_epochs and finetune:
-            start_tail = self.model.tail(self.boundary)
-            if head.shared is not None:
-                start_tail = with_shared(start_tail, head.shared)
-            try:
-                tuned = finetune_personal_layers(
-                    start_tail, head, self.train.inputs, self.train.clinical, self.train.labels,
-                    shared_names=list(self.groups.shared), trainable_names=self.trained_shared_names(),
-                    num_classes=num_classes,
-                    epochs=training.personal_finetune_epochs, learning_rate=training.personal_finetune_learning_rate,
-                    batch_size=training.batch_size, seed=_site_seed(self.config.seed, self.settings.site_name) + 17,
-                    device=self.settings.torch_device(),
-                )
-            except PersonalFinetuneDiverged as exc:
-                logger.warning("[%s] %s; the personal head stays on the %s layers", self.settings.site_name, exc,
-                               head.layers)
-            else:
-                personal_tail = with_shared(self.model.tail(self.boundary), tuned)
-                head, out_of_fold = fit_personal_head_with_validation(
-                    self.features(self.train, personal_tail), self.train.labels, self.train.patients, num_classes)
-                head = dataclasses.replace(head, layers="fine-tuned", shared=tuned)
+        """Fit and store this site's personal model on the current global layers (never sent; the
+        procedure is ``client.personal_model``'s; ``finetune``: the ClientApp asks for the personal
+        fine-tune at the federation's last round only)."""
+        head, out_of_fold = fit_personal_model(
+            self.model.tail(self.boundary), lambda tail: self.features(self.train, tail), self.train,
+            training=self.config.training, num_classes=self.config.model.num_classes,
+            shared_names=list(self.groups.shared), trainable_names=self.trained_shared_names(),
+            pretrained_shared=self._pretrained_shared, finetune=finetune,
+            seed=_site_seed(self.config.seed, self.settings.site_name) + 17, device=self.settings.torch_device(),
+            site_name=self.settings.site_name,
+        )
         self.state.save_personal_head(head.state_dict(), global_id=global_id, backbone_fingerprint=self.fingerprint)
         self._record_model(global_id, None if out_of_fold is None else out_of_fold.softmax(dim=1))
         logger.info("[%s] personal head fitted on the %s layers (L2 %.3g, %d patient folds)", self.settings.site_name,
