@@ -33,7 +33,7 @@ from common.models.model_weights import (
     save_backbone_checkpoint,
 )
 from common.data.site_dataset import load_site_dataset
-from common.data.synthetic_hospitals import PUBLIC_CLASS_NAMES, generate_public_source
+from common.data.synthetic_hospitals import PUBLIC_CLASS_NAMES, generate_public_source, generator_digest
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,19 @@ def prepare_backbone(config: FederationConfig, cache_dir: Path, *, random_init: 
     )
 
 
+def pretrained_checkpoint_path(model_config: ModelConfig, cache_dir: Path, *, seed: int) -> Path:
+    """Where the pretrained checkpoint of this model and seed is cached.
+
+    The key names everything that makes the checkpoint, the code included: a checkpoint pretrained by
+    another version of this module or of the data generator is never reused.
+    """
+    key_text = (f"{model_config.model_dump_json(exclude={'weights', 'checkpoint'})}|{seed}|"
+                f"{PRETRAIN_IMAGES}|{PRETRAIN_EPOCHS}|v2|{generator_digest()}|"
+                f"{hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:8]}")
+    key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"backbone-{model_config.architecture}-{key}.pt"
+
+
 def pretrained_public_source_checkpoint(model_config: ModelConfig, cache_dir: Path, *, seed: int) -> Path:
     """Pretrain (once) on the synthetic public source; later calls return the cached checkpoint.
 
@@ -104,15 +117,12 @@ def pretrained_public_source_checkpoint(model_config: ModelConfig, cache_dir: Pa
     is made; it is then converted like real torchvision weights (first layer folded to gray,
     BatchNorm frozen, classifier dropped) and saved as a fedtl checkpoint.
     """
-    key_text = (f"{model_config.model_dump_json(exclude={'weights', 'checkpoint'})}|{seed}|"
-                f"{PRETRAIN_IMAGES}|{PRETRAIN_EPOCHS}|v2")
-    key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"backbone-{model_config.architecture}-{key}.pt"
+    path = pretrained_checkpoint_path(model_config, cache_dir, seed=seed)
     if path.exists():
         logger.info("using cached pretrained backbone %s", path.name)
         return path
     started = time.perf_counter()
-    source_dir = Path(cache_dir) / f"public-source-{seed}-{model_config.image_size}px"
+    source_dir = Path(cache_dir) / f"public-source-{seed}-{model_config.image_size}px-g{generator_digest()}"
     manifest = generate_public_source(source_dir, num_images=PRETRAIN_IMAGES, seed=seed,
                                       image_size=model_config.image_size)
     mean, std = (0.5,) * model_config.in_channels, (0.25,) * model_config.in_channels

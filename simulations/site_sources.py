@@ -30,7 +30,7 @@ from client.site_settings import SiteSettings
 from common.atomic_io import atomic_write_json, atomic_write_text
 from common.config import ConfigError
 from common.data.partitioning import write_partition
-from common.data.synthetic_hospitals import default_site_sizes, generate_federation
+from common.data.synthetic_hospitals import default_site_sizes, generate_federation, generator_digest
 from simulations.simulation_plan import SimulationPlan
 
 logger = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def _numbered(plan: SimulationPlan, sites: list[tuple[str, Path]],
 
 def _synthetic_dir(plan: SimulationPlan) -> Path:
     return plan.cache_dir / (f"hospitals-n{plan.num_sites}-s{plan.data_seed}-x{plan.site_scale:g}-"
-                             f"{plan.config.model.image_size}px")
+                             f"{plan.config.model.image_size}px-g{generator_digest()}")
 
 
 def _synthetic_manifests(plan: SimulationPlan) -> list[Path]:

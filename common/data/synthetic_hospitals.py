@@ -38,6 +38,7 @@ Everything is deterministic in ``seed``: the same seed gives byte-identical file
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
 from collections.abc import Sequence
@@ -125,6 +126,13 @@ def default_site_sizes(num_sites: int) -> list[int]:
     if num_sites == 1:
         return [400]
     return [int(round(v)) for v in np.geomspace(400, 40, num_sites)]
+
+
+def generator_digest() -> str:
+    """Eight hex digits of this module's source. Part of the cache key of everything made from its data
+    (``simulations.site_sources``, ``server.backbone_source``): files written by another version of the
+    generator are never silently reused, so one command gives one table whatever is in the cache."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:8]
 
 
 def generate_federation(

@@ -93,3 +93,22 @@ def test_the_shipped_dirichlet_demo_cuts_the_pooled_demo_hospitals_into_ten_skew
     assert config.partition is not None and config.partition.manifest is None  # the synthetic hospitals, pooled
     assert (config.partition.by, config.partition.num_sites, config.partition.alpha) == ("dirichlet", 10, 0.3)
     assert config.model_copy(update={"name": demo.name, "partition": None}) == demo, "otherwise the demo's settings"
+
+
+def test_caches_made_from_the_generators_data_are_keyed_by_its_version(monkeypatch: pytest.MonkeyPatch,
+                                                                       tmp_path: Path) -> None:
+    """Another version of the generator (or of the pretraining code) never reuses data or a backbone made
+    by this one: the same command gives the same table whatever an older checkout left in the cache."""
+    from server import backbone_source
+    from simulations import site_sources
+
+    config = FederationConfig()
+    plan = SimulationPlan(config=config, run_dir=tmp_path / "run")
+    data_dir = site_sources._synthetic_dir(plan)
+    backbone = backbone_source.pretrained_checkpoint_path(config.model, tmp_path, seed=0)
+    assert data_dir == site_sources._synthetic_dir(plan)  # stable for one version
+    assert backbone == backbone_source.pretrained_checkpoint_path(config.model, tmp_path, seed=0)
+    monkeypatch.setattr(site_sources, "generator_digest", lambda: "0ther000")
+    monkeypatch.setattr(backbone_source, "generator_digest", lambda: "0ther000")
+    assert site_sources._synthetic_dir(plan) != data_dir
+    assert backbone_source.pretrained_checkpoint_path(config.model, tmp_path, seed=0) != backbone
