@@ -159,7 +159,7 @@ class TrainingConfig(_Section):
         "far less noise per step and faster rounds) or 'all' (both)",
     )
     personal_layers: Literal["validated", "global"] = Field(
-        "global",
+        "validated",
         description="which shared layers the linear-probe personal head sits on: 'validated' fits it on the "
         "global and on the pretrained layers and keeps the one with the lower cross-validated loss on the site's "
         "own training patients (so DP noise cannot leave a site below its pretrained features); 'global' always "
