@@ -44,7 +44,6 @@ from opacus.utils.module_utils import trainable_parameters
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from client.dp.patient_gradient_norms import layer_group_squared_norms, supports_patient_norms
 from common.models.opacus_compat import ChannelAffine
 
 logger = logging.getLogger(__name__)
@@ -148,28 +147,14 @@ class DirectWeightGradients:
         """Whether every hooked layer ran exactly once in the latest forward."""
         return all(capture.forwards == 1 and capture.inputs is not None for capture in self._captures.values())
 
-    def supports_patient_norms(self) -> bool:
-        """Whether :meth:`patient_gradient_norms` can compute every hooked layer's per-patient norms."""
-        return all(supports_patient_norms(capture.layer) for capture in self._captures.values())
+    def captured(self) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor]]:
+        """``(layer, input, output gradient)`` of every hooked layer from the latest forward and first pass.
 
-    def patient_gradient_norms(self, group: torch.Tensor, num_groups: int) -> torch.Tensor:
-        """Norm of each group's summed gradient over every hooked layer, from the first pass's captures.
-
-        Args:
-            group: ``(n,)`` group (patient) index of each sample, in ``0 .. num_groups - 1``.
-            num_groups: the number of groups.
-
-        Returns the norms of the gradients of the loss the first pass differentiated (multiply by
-        the batch size when that pass averaged the loss).
+        Raises:
+            GhostClippingError: a layer's output gradient is missing (see :meth:`accumulate_clipped_gradients`).
         """
         self._require_output_grads()
-        with torch.no_grad():
-            squared = sum(
-                layer_group_squared_norms(c.layer, c.inputs, c.output_grad, group, num_groups)  # type: ignore[arg-type]
-                for c in self._captures.values()
-            )
-        assert isinstance(squared, torch.Tensor)
-        return squared.sqrt()
+        return [(c.layer, c.inputs, c.output_grad) for c in self._captures.values()]  # type: ignore[misc]
 
     def _require_output_grads(self) -> None:
         missing = [name for name, capture in self._captures.items() if capture.output_grad is None]
@@ -311,7 +296,7 @@ def _accumulate(param: nn.Parameter, grad: torch.Tensor) -> None:
         param.grad.add_(grad)
 
 
-def _reduced_loss(loss: DPTensorFastGradientClipping) -> torch.Tensor:
+def reduced_loss(loss: DPTensorFastGradientClipping) -> torch.Tensor:
     """The batch loss of Opacus' first pass: mean or sum of the per-sample losses."""
     if loss.loss_reduction == "mean":
         return torch.mean(loss.loss_per_sample, dim=0)
@@ -328,7 +313,6 @@ def ghost_clipped_backward(
     dp_module: GradSampleModuleFastGradientClipping,
     input_leaves: Sequence[torch.Tensor],
     direct: DirectWeightGradients | None = None,
-    groups: torch.Tensor | None = None,
 ) -> None:
     """Opacus' two-pass ghost-clipping backward, with a first pass that skips parameter gradients.
 
@@ -350,12 +334,6 @@ def ghost_clipped_backward(
         direct: the :class:`DirectWeightGradients` attached to ``dp_module``'s layers, to skip
             the second pass; None (or a forward it did not capture completely) runs the second
             pass.
-        groups: ``(n,)`` one code per sample (the patient), to clip each group's *summed*
-            gradient instead of each sample's (patient-level DP). Needs ``direct`` (with
-            :meth:`DirectWeightGradients.supports_patient_norms`) and a forward it captured; the
-            norms come from :mod:`client.dp.patient_gradient_norms`, so Opacus' own norm hooks
-            may be off (``dp_module.disable_hooks()``). ``p.grad`` then holds ``sum_g c_g sum_{i
-            in g} grad_i`` and ``dp_module.per_sample_gradient_norms`` the groups' norms.
 
     Raises:
         GhostClippingError: ``loss`` came from another module, no leaf requires gradients, the
@@ -365,17 +343,19 @@ def ghost_clipped_backward(
             ``privacy.grad_sample_mode = "hooks"`` for such a model.
     """
     try:
-        if groups is not None:
-            _grouped_backward(loss, dp_module, input_leaves, direct, groups)
-        else:
-            _pruned_backward(loss, dp_module, input_leaves, direct)
+        _pruned_backward(loss, dp_module, input_leaves, direct)
     finally:
         if direct is not None:
             direct.clear()
 
 
-def _checked_leaves(loss: DPTensorFastGradientClipping, dp_module: GradSampleModuleFastGradientClipping,
-                    input_leaves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def checked_leaves(loss: DPTensorFastGradientClipping, dp_module: GradSampleModuleFastGradientClipping,
+                   input_leaves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The leaves of ``input_leaves`` that require gradients, after checking ``loss`` came from ``dp_module``.
+
+    Raises:
+        GhostClippingError: another module computed ``loss``, or no leaf requires gradients.
+    """
     if loss.module is not dp_module:
         raise GhostClippingError(
             "ghost_clipped_backward: the loss was computed by another module than dp_module; pass the "
@@ -390,44 +370,14 @@ def _checked_leaves(loss: DPTensorFastGradientClipping, dp_module: GradSampleMod
     return leaves
 
 
-def _grouped_backward(
-    loss: DPTensorFastGradientClipping,
-    dp_module: GradSampleModuleFastGradientClipping,
-    input_leaves: Sequence[torch.Tensor],
-    direct: DirectWeightGradients | None,
-    groups: torch.Tensor,
-) -> None:
-    leaves = _checked_leaves(loss, dp_module, input_leaves)
-    if direct is None or not direct.supports_patient_norms() or not direct.captured_forward():
-        raise GhostClippingError(
-            "ghost clipping per patient needs every trainable layer to be a linear layer, a convolution "
-            "without groups or a BatchNorm adapter, each run once in the forward; set "
-            'privacy.grad_sample_mode = "hooks" for this model'
-        )
-    batch = loss.loss_per_sample.shape[0]
-    if len(groups) != batch:
-        raise GhostClippingError(f"ghost_clipped_backward: {len(groups)} group codes for {batch} samples")
-    reduced_loss = _reduced_loss(loss)
-    # Pass 1: input gradients only; the captures keep each layer's output gradient on the way.
-    torch.autograd.grad(reduced_loss, leaves, allow_unused=True)
-    _, group = torch.unique(groups, return_inverse=True)
-    num_groups = int(group.max()) + 1
-    grad_scale = batch if loss.loss_reduction == "mean" else 1
-    norms = direct.patient_gradient_norms(group, num_groups) * grad_scale
-    coeff = (dp_module.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-    dp_module.per_sample_gradient_norms = norms
-    loss.optimizer.zero_grad()
-    direct.accumulate_clipped_gradients(coeff[group.to(coeff.device)] * grad_scale)
-
-
 def _pruned_backward(
     loss: DPTensorFastGradientClipping,
     dp_module: GradSampleModuleFastGradientClipping,
     input_leaves: Sequence[torch.Tensor],
     direct: DirectWeightGradients | None,
 ) -> None:
-    leaves = _checked_leaves(loss, dp_module, input_leaves)
-    reduced_loss = _reduced_loss(loss)
+    leaves = checked_leaves(loss, dp_module, input_leaves)
+    first_loss = reduced_loss(loss)
     named_params = list(trainable_parameters(dp_module._module))
     for _name, param in named_params:
         param._norm_sample = None  # a norm left from an earlier batch must not pass for this one's
@@ -436,7 +386,7 @@ def _pruned_backward(
     if direct is not None and not use_direct:
         logger.debug("direct weight gradients: the forward was not captured completely; running the second pass")
     # Pass 1: input gradients only; the layer hooks compute the per-sample norms on the way.
-    torch.autograd.grad(reduced_loss, leaves, retain_graph=not use_direct, allow_unused=True)
+    torch.autograd.grad(first_loss, leaves, retain_graph=not use_direct, allow_unused=True)
     missing = [
         name
         for name, param in named_params

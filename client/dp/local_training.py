@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import common.models.conv_norm_samplers  # noqa: F401 - registers Opacus norm samplers for convolutions
 from client.dp.fused_noise_optimizer import use_fused_noise
 from client.dp.ghost_clipping import DirectWeightGradients, TrainableInputLeaves, ghost_clipped_backward
-from client.dp.patient_gradient_norms import tail_supports_patient_norms
+from client.dp.patient_gradient_norms import patient_clipped_backward, tail_supports_patient_norms
 from client.dp.patient_sampling import grad_sample_mode_for, patient_loader, sum_grad_samples_by_patient
 from client.dp.sample_weighted_loss import SampleWeightedCrossEntropy
 from client.privacy.privacy_budget import PrivacyLedger
@@ -185,9 +185,10 @@ def _train_tail(
                         input_leaves.start_batch()
                     logits = model_call(batch_inputs, batch_clinical)
                     loss = criterion(logits, batch_labels.to(device))
-                    if input_leaves is not None:
-                        ghost_clipped_backward(loss, dp_module, input_leaves.leaves(), direct,
-                                               groups=batch[3] if patient_ghost else None)
+                    if input_leaves is not None and patient_ghost:
+                        patient_clipped_backward(loss, dp_module, input_leaves.leaves(), direct, batch[3])
+                    elif input_leaves is not None:
+                        ghost_clipped_backward(loss, dp_module, input_leaves.leaves(), direct)
                     else:
                         loss.backward()
                     if by_patient and not patient_ghost:

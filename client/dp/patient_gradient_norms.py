@@ -16,16 +16,22 @@ once per patient instead. A bias adds ``||sum_{i,t} b_{i,t}||^2``; a per-channel
 
 :func:`layer_group_squared_norms` is exact (to float rounding) for ``nn.Linear``, ``nn.Conv2d`` with
 ``groups = 1`` and zero padding, and ``ChannelAffine``; :func:`supports_patient_norms` says whether a
-layer is one of them. ``client.dp.ghost_clipping`` uses it to clip each patient's summed gradient in
-the same single backward pass that image-level ghost clipping uses.
+layer is one of them. :func:`patient_clipped_backward` uses it to clip each patient's summed gradient in
+the same single backward pass that image-level ghost clipping uses (``client.dp.ghost_clipping``'s first
+pass and its direct weight gradients).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import nn
 
+from client.dp.ghost_clipping import DirectWeightGradients, GhostClippingError, checked_leaves, reduced_loss
 from common.models.opacus_compat import ChannelAffine
 
 _GRAM_ROWS_LIMIT = 4096
@@ -116,3 +122,62 @@ def tail_supports_patient_norms(module: nn.Module) -> bool:
     """Whether every submodule of ``module`` that holds trainable parameters is one the per-patient norms cover."""
     layers = [layer for layer in module.modules() if any(p.requires_grad for p in layer.parameters(recurse=False))]
     return bool(layers) and all(supports_patient_norms(layer) for layer in layers)
+
+
+def patient_clipped_backward(
+    loss: DPTensorFastGradientClipping,
+    dp_module: GradSampleModuleFastGradientClipping,
+    input_leaves: Sequence[torch.Tensor],
+    direct: DirectWeightGradients | None,
+    groups: torch.Tensor,
+) -> None:
+    """One backward pass that clips each group's (patient's) *summed* gradient: patient-level DP-SGD.
+
+    After the call every trainable parameter ``p`` holds in ``p.grad`` ``sum_g c_g sum_{i in g} grad_i(p)``
+    with ``c_g = min(1, max_grad_norm / (||sum_{i in g} grad_i|| + 1e-6))``, ready for the DP optimizer's
+    step, and ``dp_module.per_sample_gradient_norms`` holds the groups' norms. Opacus' own norm hooks are
+    not needed (``dp_module.disable_hooks()``); the first pass and the weight gradients are
+    ``client.dp.ghost_clipping``'s.
+
+    Args:
+        loss, dp_module, input_leaves, direct: as for ``client.dp.ghost_clipping.ghost_clipped_backward``.
+        groups: ``(n,)`` one code per sample, equal for the images of one patient.
+
+    Raises:
+        GhostClippingError: ``direct`` is missing or did not capture every trainable layer exactly once,
+            a layer has no exact patient norm, or ``groups`` does not match the batch.
+    """
+    try:
+        leaves = checked_leaves(loss, dp_module, input_leaves)
+        if direct is None or not direct.captured_forward():
+            raise GhostClippingError(
+                "ghost clipping per patient needs direct weight gradients of every trainable layer, each run once "
+                'in the forward; set privacy.grad_sample_mode = "hooks" for this model'
+            )
+        batch = loss.loss_per_sample.shape[0]
+        if len(groups) != batch:
+            raise GhostClippingError(f"ghost clipping per patient: {len(groups)} group codes for {batch} samples")
+        # The first pass: input gradients only; the captures keep each layer's output gradient on the way.
+        torch.autograd.grad(reduced_loss(loss), leaves, allow_unused=True)
+        captured = direct.captured()
+        unsupported = [type(layer).__name__ for layer, _, _ in captured if not supports_patient_norms(layer)]
+        if unsupported:
+            raise GhostClippingError(
+                f"ghost clipping per patient: no exact patient norm for {', '.join(sorted(set(unsupported)))}; "
+                'set privacy.grad_sample_mode = "hooks" for this model'
+            )
+        _, group = torch.unique(groups, return_inverse=True)
+        num_groups = int(group.max()) + 1
+        grad_scale = batch if loss.loss_reduction == "mean" else 1  # the first pass averaged the loss
+        with torch.no_grad():
+            squared = sum(layer_group_squared_norms(layer, inputs, output_grad, group, num_groups)
+                          for layer, inputs, output_grad in captured)
+        assert isinstance(squared, torch.Tensor)
+        norms = squared.sqrt() * grad_scale
+        coeff = (dp_module.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        dp_module.per_sample_gradient_norms = norms
+        loss.optimizer.zero_grad()
+        direct.accumulate_clipped_gradients(coeff[group.to(coeff.device)] * grad_scale)
+    finally:
+        if direct is not None:
+            direct.clear()

@@ -2,7 +2,7 @@
 
 ``client.dp.patient_gradient_norms`` must give the norm of every group's summed gradient exactly (to
 float rounding) for linear layers, convolutions and the BatchNorm adapters, through both of its
-paths (Gram products and the group's own gradient); ``ghost_clipped_backward(..., groups=)`` must
+paths (Gram products and the group's own gradient); ``patient_clipped_backward`` must
 leave the DP-SGD clipped sum over patients by definition; and ``train_tail`` with the patient unit
 must end on the same weights and ledger in ghost mode as in hooks mode (per-image gradients summed
 per patient), with the same seed.
@@ -22,9 +22,14 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 
 from client.dp import patient_gradient_norms
-from client.dp.ghost_clipping import DirectWeightGradients, GhostClippingError, ghost_clipped_backward
+from client.dp.ghost_clipping import DirectWeightGradients, GhostClippingError
+from client.dp import local_training
 from client.dp.local_training import train_tail
-from client.dp.patient_gradient_norms import layer_group_squared_norms, tail_supports_patient_norms
+from client.dp.patient_gradient_norms import (
+    layer_group_squared_norms,
+    patient_clipped_backward,
+    tail_supports_patient_norms,
+)
 from client.dp.patient_sampling import grad_sample_mode_for
 from client.privacy.privacy_budget import PrivacyLedger
 from client.privacy.privacy_plan import sample_rate_for
@@ -125,7 +130,7 @@ def _grouped_ghost_gradients(tail: nn.Module, batch: Batch, groups: torch.Tensor
                                                      use_ghost_clipping=True)
     dp_module.disable_hooks()  # as train_tail does: Opacus' per-image norms are not needed
     direct = DirectWeightGradients.attach(tail)
-    assert direct is not None and direct.supports_patient_norms()
+    assert direct is not None
     try:
         optimizer = DPOptimizerFastGradientClipping(
             torch.optim.SGD(list(trainable.values()), lr=0.1), noise_multiplier=0.0, max_grad_norm=max_grad_norm,
@@ -134,7 +139,7 @@ def _grouped_ghost_gradients(tail: nn.Module, batch: Batch, groups: torch.Tensor
         criterion = DPLossFastGradientClipping(dp_module, optimizer, nn.CrossEntropyLoss(reduction=loss_reduction),
                                                loss_reduction)
         leaves = [h.detach().requires_grad_(True), clinical.detach().requires_grad_(True)]
-        ghost_clipped_backward(criterion(dp_module(*leaves), labels), dp_module, leaves, direct, groups=groups)
+        patient_clipped_backward(criterion(dp_module(*leaves), labels), dp_module, leaves, direct, groups)
         return ({name: p.grad.detach().clone() for name, p in trainable.items()},
                 dp_module.per_sample_gradient_norms.detach().clone())
     finally:
@@ -194,11 +199,21 @@ def _train_by_patient(tmp_path: Path, grad_sample_mode: str) -> tuple[dict[str, 
 
 
 def test_train_tail_by_patient_in_ghost_mode_trains_like_per_image_gradients_summed_per_patient(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Same patient draws, same noise, same clipping of each patient's sum: the same weights and ledger."""
+    calls: list[int] = []
+
+    def counted(*args, **kwargs) -> None:  # noqa: ANN002, ANN003 - the shipping function, counted
+        calls.append(1)
+        patient_clipped_backward(*args, **kwargs)
+
+    monkeypatch.setattr(local_training, "patient_clipped_backward", counted)
     ghost, ghost_ledger = _train_by_patient(tmp_path, "ghost")
+    assert calls, "ghost mode did not take the per-patient ghost path"
+    calls.clear()
     hooks, hooks_ledger = _train_by_patient(tmp_path, "hooks")
+    assert not calls, "hooks mode must sum per-image gradients"
     assert ghost_ledger.history == hooks_ledger.history and ghost_ledger.steps_done > 0
     initial = tiny_batch()[0].state_dict()
     moved = [name for name in hooks if not torch.equal(hooks[name], initial[name])]
