@@ -6,7 +6,7 @@ Opacus samples and clips single examples. With ``privacy.unit = "patient"`` one 
    patients, :class:`PatientPoissonSampler`); the batch is all images of the drawn patients;
 2. clips each patient's *summed* gradient: with ``ghost`` (the default) in one backward pass, the
    norm of each patient's sum coming from Gram products of the patient's images
-   (``client.dp.patient_gradient_norms``, used by ``client.dp.ghost_clipping``), no per-image
+   (``client.dp.patient_gradient_norms.patient_clipped_backward``), no per-image
    gradient formed; with ``hooks``/``functorch`` (or a tail whose layers the patient norms do not
    cover, :func:`grad_sample_mode_for`) from per-image gradients summed per patient
    (:func:`sum_grad_samples_by_patient`) before Opacus clips. Either way the clipped "samples" are
