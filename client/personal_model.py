@@ -53,7 +53,7 @@ def fit_personal_model(
     num_classes: int,
     shared_names: list[str],
     trainable_names: list[str],
-    pretrained_shared: Mapping[str, torch.Tensor] | None,
+    pretrained_probe: Callable[[], tuple[PersonalHead, torch.Tensor | None]] | None,
     finetune: bool,
     seed: int,
     device: torch.device,
@@ -63,17 +63,18 @@ def fit_personal_model(
     probe's out-of-fold logits (None where there were too few patients to cross-validate).
 
     ``tail`` is the session's trainable tail on the global layers; it is never changed.
+    ``pretrained_probe`` (for ``personal_layers = "validated"``) gives the probe fitted on the pretrained
+    layers (``layers="pretrained"``, ``shared`` set) and its out-of-fold logits: the same in every round,
+    so the caller may keep it (:func:`fit_pretrained_probe` computes it).
     """
     head, out_of_fold = fit_personal_head_with_validation(features_of(None), train.labels, train.patients, num_classes)
-    if training.personal_layers == "validated" and pretrained_shared and head.folds:
+    if training.personal_layers == "validated" and pretrained_probe is not None and head.folds:
         # The pretrained layers compete with the global ones on the site's own validation patients:
         # where DP noise or other sites' data made the global features worse here, the site keeps its
         # best model (the probe's cross-validated loss; the global layers win ties).
-        rival, rival_out_of_fold = fit_personal_head_with_validation(
-            features_of(with_shared(tail, pretrained_shared)), train.labels, train.patients, num_classes)
+        rival, rival_out_of_fold = pretrained_probe()
         if rival.validation_loss < head.validation_loss:
-            head = dataclasses.replace(rival, layers="pretrained", shared=dict(pretrained_shared))
-            out_of_fold = rival_out_of_fold
+            head, out_of_fold = rival, rival_out_of_fold
     if not (training.personal_finetune_epochs and finetune):
         return head, out_of_fold
     start_tail = with_shared(tail, head.shared) if head.shared is not None else tail
@@ -90,3 +91,12 @@ def fit_personal_model(
     head, out_of_fold = fit_personal_head_with_validation(
         features_of(with_shared(tail, tuned)), train.labels, train.patients, num_classes)
     return dataclasses.replace(head, layers="fine-tuned", shared=tuned), out_of_fold
+
+
+def fit_pretrained_probe(tail: StagesTail, features_of: FeaturesOf, train: TrainingPatients,
+                         pretrained_shared: Mapping[str, torch.Tensor],
+                         num_classes: int) -> tuple[PersonalHead, torch.Tensor | None]:
+    """The probe on the pretrained shared layers (the ``validated`` rival) and its out-of-fold logits."""
+    rival, out_of_fold = fit_personal_head_with_validation(
+        features_of(with_shared(tail, pretrained_shared)), train.labels, train.patients, num_classes)
+    return dataclasses.replace(rival, layers="pretrained", shared=dict(pretrained_shared)), out_of_fold

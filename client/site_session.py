@@ -21,7 +21,7 @@ from client.inference.operating_point import operating_point_from_validation
 from client.inference.site_model_record import record_fit, record_test_metrics
 from client.personal_finetune import with_shared
 from client.personal_head import PersonalHead
-from client.personal_model import fit_personal_model
+from client.personal_model import fit_personal_model, fit_pretrained_probe
 from client.privacy.privacy_budget import PrivacyLedger
 from client.privacy.privacy_plan import default_delta, sample_rate_for, steps_per_epoch
 from client.site_settings import SiteSettings
@@ -88,6 +88,7 @@ class SiteSession:
     _named: dict[str, nn.Parameter] = field(default_factory=dict)
     _head_stamp: tuple[int, int, int] | None = None  # the local-head file this session's head matches
     _pretrained_shared: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # kept for "validated"
+    _pretrained_probe_fit: tuple[PersonalHead, torch.Tensor | None] | None = field(default=None, repr=False)
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -342,7 +343,7 @@ class SiteSession:
             self.model.tail(self.boundary), lambda tail: self.features(self.train, tail), self.train,
             training=self.config.training, num_classes=self.config.model.num_classes,
             shared_names=list(self.groups.shared), trainable_names=self.trained_shared_names(),
-            pretrained_shared=self._pretrained_shared, finetune=finetune,
+            pretrained_probe=self._pretrained_probe if self._pretrained_shared else None, finetune=finetune,
             seed=_site_seed(self.config.seed, self.settings.site_name) + 17, device=self.settings.torch_device(),
             site_name=self.settings.site_name,
         )
@@ -351,6 +352,14 @@ class SiteSession:
         logger.info("[%s] personal head fitted on the %s layers (L2 %.3g, %d patient folds)", self.settings.site_name,
                     head.layers, head.l2, head.folds)
         return head
+
+    def _pretrained_probe(self) -> tuple[PersonalHead, torch.Tensor | None]:
+        """The probe on the pretrained layers, fitted once per session (its features never change)."""
+        if self._pretrained_probe_fit is None:
+            self._pretrained_probe_fit = fit_pretrained_probe(
+                self.model.tail(self.boundary), lambda tail: self.features(self.train, tail), self.train,
+                self._pretrained_shared, self.config.model.num_classes)
+        return self._pretrained_probe_fit
 
     def personal_features(self, head: PersonalHead, split: Split) -> torch.Tensor:
         """``split``'s features under the layers ``head`` was fitted on: its own copy, else the global ones."""
