@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ SUMMARY_ROWS = (
 )
 SINGLE_SITE_ROWS = ("local_linear_probe", "local_linear_probe_finetune", "local_finetune")
 """The rows of what a site could do alone (DP off: nothing leaves it); the best of them is the bar."""
+GAIN_ROWS = ("federated", "federated_no_dp", "pooled_ceiling")
+"""The rows whose difference from the best single-site row is reported (the ceiling's: the headroom)."""
 ROW_LABELS = {
     "federated": "federated, personal models, DP on",
     "federated_no_dp": "federated, personal models, DP off",
@@ -73,14 +76,25 @@ def comparison_targets(summary: Mapping[str, Any]) -> dict[str, Any]:
         return {}
     best = max(alone)
     out: dict[str, Any] = {"best_single_site": best}
-    for name in ("federated", "federated_no_dp"):
+    for name in GAIN_ROWS:
         value = summary.get(name)
         if not isinstance(value, float):
             continue
-        out[f"{name}_gain_over_best_single_site"] = value - best
-        if isinstance(ceiling, float) and ceiling > best:
+        out[gain_key(name)] = value - best
+        if name != "pooled_ceiling" and isinstance(ceiling, float) and ceiling > best:
             out[f"{name}_share_of_gap_to_ceiling"] = (value - best) / (ceiling - best)
     return out
+
+
+def gain_key(row: str) -> str:
+    """The summary key of ``row`` minus the best single-site row (a paired difference: same seed, same patients)."""
+    return f"{row}_gain_over_best_single_site"
+
+
+def seed_spread(values: Sequence[float]) -> dict[str, Any]:
+    """A value's mean, sample standard deviation and every seed's value (``summary.over_seeds``)."""
+    return {"seeds": len(values), "mean": statistics.fmean(values),
+            "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "values": list(values)}
 
 
 def privacy_summary(config: Mapping[str, Any], summary: Mapping[str, Any]) -> dict[str, Any]:
@@ -173,6 +187,20 @@ def format_table(metrics: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _gains_over_seeds(over_seeds: Mapping[str, Any]) -> list[str]:
+    """One line per row: its difference from the best single-site row at every seed (same hospitals and test
+    patients, so the spread is the training's randomness, not the test set's; the per-site intervals are that)."""
+    lines = []
+    for name in GAIN_ROWS:
+        spread = over_seeds.get(gain_key(name))
+        if not spread:
+            continue
+        shown = ", ".join(f"{value:+.3f}" for value in spread["values"])
+        lines.append(f"- {ROW_LABELS[name]} minus the best alone, over {spread['seeds']} seeds: {shown} "
+                     f"(mean {spread['mean']:+.3f} ± {spread['sd']:.3f})")
+    return lines
+
+
 def _format_delta(delta: Any) -> str:
     return f"{delta:.3g}" if isinstance(delta, (int, float)) else "(not reported)"
 
@@ -220,6 +248,7 @@ def format_report(metrics: Mapping[str, Any], plots: Sequence[Path], extra_lines
                      f"{summary['best_single_site']:.3f}; federated (DP on) "
                      f"{'-' if gain is None else f'{gain:+.3f}'} against it"
                      + (f", {share:.0%} of the way to the pooled ceiling" if isinstance(share, float) else ""))
+        lines += _gains_over_seeds(summary.get("over_seeds", {}))
     sweep = summary.get("privacy_utility")
     if sweep:
         shown = ", ".join(f"{'DP off' if p['epsilon'] is None else 'epsilon ' + format(p['epsilon'], 'g')}: "

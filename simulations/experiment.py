@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import statistics
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -21,10 +20,13 @@ from common.atomic_io import atomic_write_json
 from common.config import FederationConfig
 from server.backbone_source import prepare_backbone
 from server.run_report import (
+    GAIN_ROWS,
     SUMMARY_ROWS,
+    comparison_targets,
+    gain_key,
     mean_balanced_accuracy,
     privacy_summary,
-    comparison_targets,
+    seed_spread,
     write_report,
 )
 from simulations.baselines import (
@@ -70,13 +72,15 @@ def run_experiment(plan: SimulationPlan, *, baselines: bool = True, privacy_swee
 
     With ``seeds > 1`` the whole comparison runs again for seeds ``seed + 1 ...`` (each in
     ``seeds/seed-N``, same hospitals, other initialisation, sampling and noise) and the summary gains
-    each row's mean and spread over seeds.
+    each row's mean and spread over seeds, and so does each row's difference from the best single-site
+    row (paired: the same seed's run of both).
     """
     sites = dict(sites) if sites is not None else resolve_sites(plan)
     metrics = _run_one_seed(plan, sites, baselines=baselines, privacy_sweep=privacy_sweep, extra_rows=extra_rows)
     if seeds > 1:
-        means: dict[str, list[float]] = {name: [v] for name, v in metrics["summary"].items()
-                                         if name in SUMMARY_ROWS and isinstance(v, (int, float))}
+        tracked = [*SUMMARY_ROWS, *(gain_key(name) for name in GAIN_ROWS)]
+        values: dict[str, list[float]] = {name: [metrics["summary"][name]] for name in tracked
+                                          if isinstance(metrics["summary"].get(name), (int, float))}
         for offset in range(1, seeds):
             seed = plan.config.seed + offset
             seeded = dataclasses.replace(plan, config=plan.config.model_copy(update={"seed": seed}),
@@ -87,13 +91,9 @@ def run_experiment(plan: SimulationPlan, *, baselines: bool = True, privacy_swee
             other = _run_one_seed(seeded, seeded_sites, baselines=baselines, privacy_sweep=False,
                                   extra_rows=extra_rows)
             for name, value in other["summary"].items():
-                if name in means and isinstance(value, (int, float)):
-                    means[name].append(value)
-        metrics["summary"]["over_seeds"] = {
-            name: {"seeds": len(values), "mean": statistics.fmean(values),
-                   "sd": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
-            for name, values in means.items()
-        }
+                if name in values and isinstance(value, (int, float)):
+                    values[name].append(value)
+        metrics["summary"]["over_seeds"] = {name: seed_spread(series) for name, series in values.items()}
         _write(plan, metrics)
     return metrics
 

@@ -16,6 +16,7 @@ from server.run_report import (
     mean_balanced_accuracy,
     summarize_federated_run,
     comparison_targets,
+    seed_spread,
     write_report,
 )
 
@@ -74,6 +75,24 @@ def test_the_table_shows_each_sites_interval_and_the_spread_over_seeds() -> None
     report = format_report({**METRICS, "summary": {**METRICS["summary"], **comparison_targets(METRICS["summary"])}}, [])
     assert "unit of privacy one image" in report  # the configuration above predates the patient unit
     assert "+0.050 against it, 50% of the way to the pooled ceiling" in report
+
+
+def test_the_ceilings_headroom_over_the_best_site_alone_is_a_target_too() -> None:
+    found = comparison_targets(METRICS["summary"])
+    assert found["pooled_ceiling_gain_over_best_single_site"] == pytest.approx(0.10)
+    assert "pooled_ceiling_share_of_gap_to_ceiling" not in found
+
+
+def test_the_report_lists_each_seeds_paired_gain_over_the_best_site_alone() -> None:
+    over_seeds = {"federated_gain_over_best_single_site": seed_spread([0.01, -0.02, 0.04]),
+                  "pooled_ceiling_gain_over_best_single_site": seed_spread([0.05, 0.05])}
+    summary = {**METRICS["summary"], **comparison_targets(METRICS["summary"]), "over_seeds": over_seeds}
+    report = format_report({**METRICS, "summary": summary}, [])
+    assert f"- {ROW_LABELS['federated']} minus the best alone, over 3 seeds: +0.010, -0.020, +0.040 " \
+           "(mean +0.010 ± 0.030)" in report
+    assert f"- {ROW_LABELS['pooled_ceiling']} minus the best alone, over 2 seeds: +0.050, +0.050 " \
+           "(mean +0.050 ± 0.000)" in report
+    assert f"{ROW_LABELS['federated_no_dp']} minus" not in report  # no seeds measured it
 
 
 def test_the_report_states_the_unit_epsilon_and_delta_of_the_privacy_guarantee() -> None:
