@@ -66,7 +66,8 @@ ROUND_TIMEOUT_S = 30.0
 REJOIN_TIMEOUT_S = 120.0
 
 
-def federation_config(*, rounds: int, privacy: bool, round_timeout_s: float = ROUND_TIMEOUT_S) -> dict[str, Any]:
+def federation_config(*, rounds: int, privacy: bool, round_timeout_s: float = ROUND_TIMEOUT_S,
+                      local_epochs: int = 1, batch_size: int = 16) -> dict[str, Any]:
     """A federation small enough for CI: resnet18 at 32 px, one local epoch, CPU."""
     return {
         "name": "deploy-e2e",
@@ -74,7 +75,7 @@ def federation_config(*, rounds: int, privacy: bool, round_timeout_s: float = RO
         "model": {"architecture": "resnet18", "image_size": IMAGE_SIZE},
         "privacy": {"enabled": privacy, "target_epsilon": 8.0},
         "strategy": {"name": "fedavg", "min_sites": 2, "round_timeout_s": round_timeout_s},
-        "training": {"rounds": rounds, "local_epochs": 1, "batch_size": 16, "device": "cpu"},
+        "training": {"rounds": rounds, "local_epochs": local_epochs, "batch_size": batch_size, "device": "cpu"},
     }
 
 
@@ -254,7 +255,10 @@ def hospital_crash(
     try:
         started = time.monotonic()
         scenario = start_scenario(root, supervisor, hospital_manifests, cache_dir)
-        config = write_config(root / "federation.toml", federation_config(rounds=CRASH_ROUNDS, privacy=True))
+        # 8 DP steps a round at the crashed site (30 images, batch 8, 2 epochs) instead of 2: its training
+        # must still be running when the kill lands, also on a loaded machine (a DP step at 32 px is fast).
+        config = write_config(root / "federation.toml",
+                              federation_config(rounds=CRASH_ROUNDS, privacy=True, local_epochs=2, batch_size=8))
         crashed_dir = scenario.state_dir(CRASHED)
         timings = {"federation_up_s": time.monotonic() - started}
 
