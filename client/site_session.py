@@ -103,13 +103,15 @@ class SiteSession:
         model = build_backbone(config.model, load_weights=False)
         policy = resolve_policy(config.policy, config.model.architecture)
         groups = apply_policy(model, policy)
-        _init_local_head(model, groups, seed=_site_seed(config.seed, settings.site_name))
+        _init_local_head(model, groups, seed=_head_seed(config, settings.site_name))
         full = model.state_dict()
         for name, tensor in backbone_tensors.items():
             if name not in full:
                 raise ValueError(f"backbone tensor {name!r} does not belong to a {config.model.architecture}")
             full[name] = tensor
         head = state.load_local_head(backbone_fingerprint=fingerprint)
+        if config.training.training_head == "fixed_common":
+            head = None  # the common head is its seeded initialisation, whatever an earlier run left on disk
         if head is not None and set(head) == set(groups.local):
             full.update(head)
         elif head is not None:
@@ -299,7 +301,8 @@ class SiteSession:
             self.train.clinical,
             self.train.labels,
             named_shared=[(n, self._named[n]) for n in trained_shared],
-            named_local=[(n, self._named[n]) for n in self.groups.local if n in self._named],
+            named_local=([] if training.training_head == "fixed_common" else
+                         [(n, self._named[n]) for n in self.groups.local if n in self._named]),
             training=training,
             privacy=self.config.privacy,
             ledger=ledger,
@@ -456,8 +459,15 @@ def _site_seed(seed: int, site_name: str) -> int:
     return (seed * 7919 + int(hashlib.sha256(site_name.encode()).hexdigest()[:6], 16)) % (2**31)
 
 
+def _head_seed(config: FederationConfig, site_name: str) -> int:
+    """The local head's seed: the site's own, or the federation's for ``training_head = "fixed_common"``."""
+    if config.training.training_head == "fixed_common":
+        return _site_seed(config.seed, "fixed-common-head")
+    return _site_seed(config.seed, site_name)
+
+
 def _init_local_head(model: nn.Module, groups: ParameterGroups, seed: int) -> None:
-    """Every site starts its own head's linear layers from its own seed (the head is never sent)."""
+    """The local head's linear layers from ``seed`` (:func:`_head_seed`; the head is never sent)."""
     generator = torch.Generator().manual_seed(seed)
     local = set(groups.local)
     with torch.no_grad():

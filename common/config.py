@@ -145,6 +145,13 @@ class TrainingConfig(_Section):
         description="reuse frozen-trunk outputs across epochs and rounds; 'auto' turns it off "
         "when augmentation is on",
     )
+    training_head: Literal["own", "fixed_common"] = Field(
+        "own",
+        description="the head the DP-SGD steps train the shared layers through: 'own' (each site's local head, "
+        "from its own seed, trained by the same DP-SGD) or 'fixed_common' (one seeded initialisation, the same at "
+        "every site and never trained, as in FedBABU: every site's update pulls the shared layers towards one "
+        "classifier, and the head adds no values to clip or noise; data-independent, so it costs no privacy)",
+    )
     personal_head: Literal["linear_probe", "none"] = Field(
         "linear_probe",
         description="what each site evaluates and keeps: 'linear_probe' fits its own class-balanced linear "
@@ -185,6 +192,13 @@ class TrainingConfig(_Section):
         if value is not None and not all(weight > 0 and weight < float("inf") for weight in value):
             raise ValueError("every class weight must be a positive number")
         return value
+
+    @model_validator(mode="after")
+    def _a_fixed_head_needs_a_personal_head(self) -> TrainingConfig:
+        if self.training_head == "fixed_common" and self.personal_head == "none":
+            raise ValueError("training.training_head = 'fixed_common' keeps the head a random initialisation, so "
+                             "each site needs its own head on top: set training.personal_head = 'linear_probe'")
+        return self
 
 
 class DataConfig(_Section):
