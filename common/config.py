@@ -173,10 +173,11 @@ class TrainingConfig(_Section):
         "the global ones",
     )
     personal_finetune_epochs: int = Field(
-        10, ge=0, le=100,
+        0, ge=0, le=100,
         description="with the linear-probe personal head: epochs each site then fine-tunes its own copy of the "
         "shared layers together with that probe, once, after the federation's last round (LP-FT, DP off: the copy "
-        "never leaves the site and never feeds a DP step); 0 keeps the global shared layers",
+        "never leaves the site and never feeds a DP step); 0 (the default: measured, it did not help) keeps the "
+        "shared layers the probe was fitted on",
     )
     personal_finetune_learning_rate: float = Field(0.01, gt=0, description="SGD step size of the personal fine-tune")
     update_encoding: Literal["fp32", "fp16", "int8"] = Field(
