@@ -189,7 +189,8 @@ def format_table(metrics: Mapping[str, Any]) -> str:
 
 def _gains_over_seeds(over_seeds: Mapping[str, Any]) -> list[str]:
     """One line per row: its difference from the best single-site row at every seed (same hospitals and test
-    patients, so the spread is the training's randomness, not the test set's; the per-site intervals are that)."""
+    patients, so the spread is that of the seed, which also pretrains the synthetic-public backbone, not the
+    test set's; the per-site intervals are that)."""
     lines = []
     for name in GAIN_ROWS:
         spread = over_seeds.get(gain_key(name))

@@ -71,7 +71,7 @@ def run_experiment(plan: SimulationPlan, *, baselines: bool = True, privacy_swee
     variant and seed; each keeps its state in its own run folder.
 
     With ``seeds > 1`` the whole comparison runs again for seeds ``seed + 1 ...`` (each in
-    ``seeds/seed-N``, same hospitals, other initialisation, sampling and noise) and the summary gains
+    ``seeds/seed-N``, same hospitals and patient split; other backbone pretraining, initialisation, sampling and noise) and the summary gains
     each row's mean and spread over seeds, and so does each row's difference from the best single-site
     row (paired: the same seed's run of both).
     """

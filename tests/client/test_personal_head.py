@@ -88,11 +88,15 @@ def test_a_personal_head_separates_what_a_linear_rule_separates_and_round_trips_
 # ---------------------------------------------------------------------------------------------
 
 
-def test_the_shared_update_is_bit_identical_whatever_the_personal_head(hospital, tmp_path: Path) -> None:  # noqa: ANN001
-    plain = open_site(hospital, tmp_path / "plain")
+@pytest.mark.parametrize("training_head", ["own", "fixed_common"])
+def test_the_shared_update_is_bit_identical_whatever_the_personal_head(
+        hospital, tmp_path: Path, training_head: str) -> None:  # noqa: ANN001
+    config = hospital[1].model_copy(
+        update={"training": hospital[1].training.model_copy(update={"training_head": training_head})})
+    plain = open_site(hospital, tmp_path / "plain", config)
     untouched = dp_round(plain)
 
-    personal = open_site(hospital, tmp_path / "personal")
+    personal = open_site(hospital, tmp_path / "personal", config)
     personal.evaluate("global-0")  # fits and stores a personal head
     stored = personal.state.load_personal_head()
     assert stored is not None and stored[1]["global_id"] == "global-0"
