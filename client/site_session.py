@@ -7,7 +7,6 @@ so a fresh process rebuilds the same session without decoding a DICOM again.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -19,6 +18,7 @@ from client.dp.local_training import TrainingOutcome, random_flip_and_shift, tra
 from client.evaluation_metrics import bootstrap_balanced_accuracy, classification_metrics
 from client.inference.operating_point import operating_point_from_validation
 from client.inference.site_model_record import record_fit, record_test_metrics
+from client.local_head_seed import head_seed, init_local_head, site_seed
 from client.personal_finetune import with_shared
 from client.personal_head import PersonalHead
 from client.personal_model import fit_personal_model, fit_pretrained_probe
@@ -103,7 +103,7 @@ class SiteSession:
         model = build_backbone(config.model, load_weights=False)
         policy = resolve_policy(config.policy, config.model.architecture)
         groups = apply_policy(model, policy)
-        _init_local_head(model, groups, seed=_head_seed(config, settings.site_name))
+        init_local_head(model, groups, seed=head_seed(config, settings.site_name))
         full = model.state_dict()
         for name, tensor in backbone_tensors.items():
             if name not in full:
@@ -293,7 +293,7 @@ class SiteSession:
         training = self.config.training
         global_shared = self.shared_state()
         weights = self.loss_weights()
-        seed = _site_seed(self.config.seed, self.settings.site_name) * 1000 + server_round
+        seed = site_seed(self.config.seed, self.settings.site_name) * 1000 + server_round
         trained_shared = self.trained_shared_names()
         outcome = train_tail(
             self.model.tail(self.boundary),
@@ -347,7 +347,7 @@ class SiteSession:
             training=self.config.training, num_classes=self.config.model.num_classes,
             shared_names=list(self.groups.shared), trainable_names=self.trained_shared_names(),
             pretrained_probe=self._pretrained_probe if self._pretrained_shared else None, finetune=finetune,
-            seed=_site_seed(self.config.seed, self.settings.site_name) + 17, device=self.settings.torch_device(),
+            seed=site_seed(self.config.seed, self.settings.site_name) + 17, device=self.settings.torch_device(),
             site_name=self.settings.site_name,
         )
         self.state.save_personal_head(head.state_dict(), global_id=global_id, backbone_fingerprint=self.fingerprint)
@@ -377,14 +377,11 @@ class SiteSession:
 
         The metrics, with a patient-bootstrap interval, are also kept in the site's ``site_model.json``
         for its model card (``client.inference``); only the returned keys may leave the site."""
-        logits = self._test_logits(global_id, finetune)
-        metrics = classification_metrics(logits, self.test.labels, self.config.model.num_classes)
         if self.config.training.personal_head == "none":
             self._record_model(global_id, None, why="the head trained with the shared layers (training.personal_head "
                                "= 'none') saw every training patient: none is left to validate a threshold on")
-        low, high = bootstrap_balanced_accuracy(logits, self.test.labels, self.test.patients, seed=self.config.seed)
-        record_test_metrics(self.state.root, global_id=global_id, metrics={
-            **metrics, "ci-low": low, "ci-high": high, "test-patients": float(len(set(self.test.patients)))})
+        metrics, interval = self._scored(self._test_logits(global_id, finetune), seed=self.config.seed)
+        record_test_metrics(self.state.root, global_id=global_id, metrics={**metrics, **interval})
         return metrics
 
     def _record_model(self, global_id: str, validation_probabilities: torch.Tensor | None, why: str = "") -> None:
@@ -401,10 +398,14 @@ class SiteSession:
 
         For the site's own use and for simulations; the interval is not a wire field.
         """
-        logits = self._test_logits(global_id)
+        metrics, interval = self._scored(self._test_logits(global_id), seed=seed)
+        return {**metrics, **interval}
+
+    def _scored(self, logits: torch.Tensor, seed: int) -> tuple[dict[str, float], dict[str, float]]:
+        """The test metrics of ``logits``, and the balanced accuracy's 95% patient-bootstrap interval."""
         metrics = classification_metrics(logits, self.test.labels, self.config.model.num_classes)
         low, high = bootstrap_balanced_accuracy(logits, self.test.labels, self.test.patients, seed=seed)
-        return {**metrics, "ci-low": low, "ci-high": high, "test-patients": float(len(set(self.test.patients)))}
+        return metrics, {"ci-low": low, "ci-high": high, "test-patients": float(len(set(self.test.patients)))}
 
     def _test_logits(self, global_id: str, finetune: bool = True) -> torch.Tensor:
         if len(self.test.labels) == 0:
@@ -453,28 +454,3 @@ def _take(inputs: torch.Tensor, data: SiteData, index: list[int] | torch.Tensor)
     idx = torch.as_tensor(index, dtype=torch.long)
     return Split(inputs=inputs, clinical=data.clinical[idx].float(), labels=data.labels[idx].long(),
                   patients=[data.patient_ids[i] for i in idx.tolist()])
-
-
-def _site_seed(seed: int, site_name: str) -> int:
-    return (seed * 7919 + int(hashlib.sha256(site_name.encode()).hexdigest()[:6], 16)) % (2**31)
-
-
-def _head_seed(config: FederationConfig, site_name: str) -> int:
-    """The local head's seed: the site's own, or the federation's for ``training_head = "fixed_common"``."""
-    if config.training.training_head == "fixed_common":
-        return _site_seed(config.seed, "fixed-common-head")
-    return _site_seed(config.seed, site_name)
-
-
-def _init_local_head(model: nn.Module, groups: ParameterGroups, seed: int) -> None:
-    """The local head's linear layers from ``seed`` (:func:`_head_seed`; the head is never sent)."""
-    generator = torch.Generator().manual_seed(seed)
-    local = set(groups.local)
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if not isinstance(module, nn.Linear) or f"{name}.weight" not in local:
-                continue
-            bound = 1.0 / module.in_features**0.5
-            module.weight.uniform_(-bound, bound, generator=generator)
-            if module.bias is not None:
-                module.bias.zero_()

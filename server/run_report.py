@@ -188,9 +188,10 @@ def format_table(metrics: Mapping[str, Any]) -> str:
 
 
 def _gains_over_seeds(over_seeds: Mapping[str, Any]) -> list[str]:
-    """One line per row: its difference from the best single-site row at every seed (same hospitals and test
-    patients, so the spread is that of the seed, which also pretrains the synthetic-public backbone, not the
-    test set's; the per-site intervals are that)."""
+    """One line per row: its difference from the best single-site row at every seed.
+
+    The hospitals and test patients are the same at every seed, so this spread is the seed's (training and
+    the synthetic-public backbone's pretraining); the test set's uncertainty is in the per-site intervals."""
     lines = []
     for name in GAIN_ROWS:
         spread = over_seeds.get(gain_key(name))

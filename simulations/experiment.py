@@ -71,9 +71,9 @@ def run_experiment(plan: SimulationPlan, *, baselines: bool = True, privacy_swee
     variant and seed; each keeps its state in its own run folder.
 
     With ``seeds > 1`` the whole comparison runs again for seeds ``seed + 1 ...`` (each in
-    ``seeds/seed-N``, same hospitals and patient split; other backbone pretraining, initialisation, sampling and noise) and the summary gains
-    each row's mean and spread over seeds, and so does each row's difference from the best single-site
-    row (paired: the same seed's run of both).
+    ``seeds/seed-N``: same hospitals and patient split; other backbone pretraining, initialisation, sampling
+    and noise) and the summary gains each row's mean and spread over seeds, and so does each row's
+    difference from the best single-site row (paired: the same seed's run of both).
     """
     sites = dict(sites) if sites is not None else resolve_sites(plan)
     metrics = _run_one_seed(plan, sites, baselines=baselines, privacy_sweep=privacy_sweep, extra_rows=extra_rows)
